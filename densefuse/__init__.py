@@ -1,0 +1,29 @@
+"""densefuse: dense prediction with scale-equalized multi-level feature fusion."""
+from .config import Config, load_config
+from .equalizer import ScaleEqualizer, calibrate, equalizers, fold, measure, set_mode
+from .errors import CalibrationError, ConfigError, DataError, DensefuseError
+from .fusion import Fusion
+from .model import build_model
+from .tasks import Task, get_task, register_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "CalibrationError",
+    "ConfigError",
+    "DataError",
+    "DensefuseError",
+    "Fusion",
+    "ScaleEqualizer",
+    "Task",
+    "build_model",
+    "calibrate",
+    "equalizers",
+    "fold",
+    "get_task",
+    "load_config",
+    "measure",
+    "register_task",
+    "set_mode",
+]

@@ -1,0 +1,32 @@
+"""User-facing error types.
+
+Anything a user can cause (a bad config key, a missing file, a corrupt image, a wrong label value)
+raises a subclass of :class:`DensefuseError`. The CLI prints its message on one line and exits
+non-zero without a traceback; programming errors keep their traceback.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class DensefuseError(Exception):
+    """Base class for errors caused by user input."""
+
+
+class ConfigError(DensefuseError):
+    """A config file, key or value is wrong."""
+
+
+class DataError(DensefuseError):
+    """A dataset file is missing, unreadable or has invalid content."""
+
+
+class CalibrationError(DensefuseError):
+    """An equalizer is used in a state that makes no sense (uncalibrated, folded twice, ...)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""

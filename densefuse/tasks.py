@@ -1,0 +1,129 @@
+"""Task plugins: what a dense-prediction task adds to the core (datasets, loss, metric, visuals).
+
+Tasks register under the entry-point group ``densefuse.tasks`` (``seg`` and ``depth`` ship in the
+top-level ``tasks`` package). The core never imports a task directly: it asks :func:`get_task`.
+A third task is a new package with an entry point; nothing in ``densefuse/`` changes.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from importlib.metadata import entry_points
+from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .errors import ConfigError, did_you_mean
+
+ENTRY_POINT_GROUP = "densefuse.tasks"
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """Accumulates over a whole dataset; ``compute`` all-reduces under torch.distributed."""
+
+    def reset(self) -> None: ...
+
+    def update(self, outputs: Any, batch: Mapping[str, Tensor]) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+class Task(ABC):
+    """Base class of a task plugin. Subclasses set ``name``, ``default_config`` and ``primary_metric``.
+
+    Batches are dicts of tensors: at least ``"image"`` (B,3,H,W float, normalized) plus the targets the
+    task needs (``"label"`` (B,H,W) int64 for seg, ``"depth"`` (B,1,H,W) float metres for depth).
+    """
+
+    name: str = ""
+    default_config: str = ""
+    primary_metric: str = ""
+
+    def __init__(self, cfg: Optional[Mapping[str, Any]] = None) -> None:
+        #: the resolved run config (see densefuse.config); loss weights etc. are read from it.
+        self.cfg = cfg if cfg is not None else {}
+
+    @abstractmethod
+    def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
+        """The dataset of ``split`` (``cfg.data.train_split`` / ``cfg.data.val_split``)."""
+
+    def build_model(self, cfg: Mapping[str, Any]) -> nn.Module:
+        from .model import build_model
+
+        return build_model(cfg)
+
+    @abstractmethod
+    def build_transform(self, cfg: Mapping[str, Any], train: bool) -> Callable[[dict], dict]:
+        """Batch transform run on the training device after collation: for ``train`` the random
+        augmentation (kornia), then conversion of the uint8 image to the normalized float input."""
+
+    @abstractmethod
+    def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and a dict of its named parts (floats, for logging)."""
+
+    @abstractmethod
+    def metric(self, cfg: Mapping[str, Any]) -> Metric:
+        """A fresh metric accumulator for one evaluation."""
+
+    @abstractmethod
+    def predict(self, outputs: Any) -> Tensor:
+        """Turn model outputs into predictions (class map, depth map)."""
+
+    def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor) -> Tensor:
+        """(B,3,H,W) uint8 pictures of the predictions, for the work dir (default: the input image)."""
+        return batch["raw_image"] if "raw_image" in batch else batch["image"]
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator for tasks defined in code (tests, notebooks); installed tasks use entry points."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_tasks() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def get_task(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Task:
+    """Instantiate the task called ``name``; an unknown name is a :class:`ConfigError`."""
+    if name not in _REGISTRY:
+        eps = _entry_points()
+        if name not in eps:
+            known = available_tasks()
+            raise ConfigError(
+                f"unknown task '{name}'{did_you_mean(name, known)}; available: {', '.join(known) or 'none'}"
+            )
+        cls = eps[name].load()
+        _REGISTRY[name] = cls
+        cls.name = name
+    return _REGISTRY[name](cfg)
+
+
+def unwrap_outputs(outputs: Any) -> dict[str, Tensor]:
+    """Model outputs as a dict with at least ``"out"`` (plain tensors from smp models included)."""
+    if isinstance(outputs, Tensor):
+        return {"out": outputs}
+    if isinstance(outputs, Mapping):
+        return dict(outputs)
+    raise TypeError(f"unsupported model output type {type(outputs).__name__}")
+
+
+def all_reduce_(t: Tensor) -> Tensor:
+    """Sum ``t`` over ranks in place when torch.distributed is initialized."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
