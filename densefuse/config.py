@@ -231,14 +231,19 @@ def load_config(path: Optional[PathLike] = None, overrides: Iterable[str] = (), 
             raise ConfigError("no config given")
         path = task_default
     file = find_config(path)
-    data = _load_file(file)
-    _check(data, DEFAULTS, source=str(file))
+    cfg = from_dict(_load_file(file), overrides, source=str(file))
+    if cfg.get("name") is None:
+        cfg["name"] = file.stem
+    return cfg
+
+
+def from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
+    """Validate a plain config dict (e.g. one embedded in a checkpoint), fill defaults, apply overrides."""
+    _check(data, DEFAULTS, source=source)
     cfg = merge(DEFAULTS, data)
     for k, v in parse_overrides(overrides):
         _set(cfg, k, v)
     _check(cfg, DEFAULTS, source="--set")
-    if cfg.get("name") is None:
-        cfg["name"] = file.stem
     return _wrap(cfg)
 
 

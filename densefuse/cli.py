@@ -1,0 +1,204 @@
+"""``densefuse`` command line: train, eval, calibrate, inspect.
+
+User errors (bad config, missing files, bad data) print one ``error: ...`` line and exit 2.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from .errors import DensefuseError
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn densefuse user errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DensefuseError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str] = None) -> Any:
+    from .config import load_config
+    from .tasks import get_task
+
+    default = get_task(task).default_config if task and config is None else None
+    cfg = load_config(config, overrides, task_default=default)
+    if task is not None and config is not None and cfg["task"] != task:
+        raise DensefuseError(f"--task {task} but the config is for task '{cfg['task']}'")
+    return cfg
+
+
+config_opt = click.option("--config", "-c", "config", type=str, default=None, help="YAML config file (or name under configs/).")
+set_opt = click.option("--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="densefuse")
+def main() -> None:
+    """densefuse: dense prediction with scale-equalized multi-level feature fusion."""
+
+
+@main.command()
+@click.option("--task", "-t", default="seg", show_default=True, help="Task plugin (seg, depth, ...).")
+@config_opt
+@set_opt
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Run directory (default work_dirs/<config>/<time>).")
+@click.option("--resume", is_flag=True, help="Resume from <work-dir>/latest.pth.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@_friendly
+def train(task: str, config: Optional[str], overrides: tuple[str, ...], work_dir: Optional[str], resume: bool,
+          progress: Optional[bool]) -> None:
+    """Train a model. Without --config, the task's default config (synthetic data) is used."""
+    from .engine.trainer import Trainer
+
+    cfg = _load(config, overrides, task)
+    if resume and work_dir is None:
+        raise DensefuseError("--resume needs --work-dir")
+    trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
+    click.echo(f"work dir: {trainer.work_dir}")
+    metrics = trainer.run()
+    shown = {k: round(float(v), 2) for k, v in metrics.items() if isinstance(v, (int, float))}
+    click.echo(f"final: {shown}")
+
+
+@main.command("eval")
+@config_opt
+@click.option("--checkpoint", "-k", required=True, type=str, help="Checkpoint (.pth) to evaluate.")
+@set_opt
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as CSV here.")
+@_friendly
+def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...], out: Optional[str]) -> None:
+    """Evaluate a checkpoint on the validation split. Without --config, the checkpoint's own config is used."""
+    import pandas as pd
+
+    from .config import from_dict
+    from .data.loader import build_loader
+    from .engine.checkpoint import load_checkpoint, load_model_state
+    from .engine.trainer import evaluate, resolve_device
+    from .tasks import get_task
+
+    state = load_checkpoint(checkpoint)
+    if config is None:
+        if "config" not in state:
+            raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
+        cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
+    else:
+        cfg = _load(config, overrides)
+    task = get_task(cfg["task"], cfg)
+    device = resolve_device(cfg["device"])
+    model = task.build_model(cfg).to(device)
+    load_model_state(model, state, checkpoint)
+    data = task.build_dataset(cfg, cfg["data"]["val_split"])
+    loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
+    metrics = evaluate(model, task, loader, task.build_transform(cfg, train=False), device)
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    click.echo(pd.DataFrame([scalars]).to_markdown(index=False, floatfmt=".2f"))
+    if out:
+        _refuse_overwrite(out)
+        pd.DataFrame([scalars]).to_csv(out, index=False)
+
+
+def _refuse_overwrite(path: str) -> None:
+    if Path(path).exists():
+        raise DensefuseError(f"{path} already exists; not overwriting it")
+
+
+def _calibration_batches(cfg: Any, num_images: Optional[int]) -> tuple[Any, Any, Any, int]:
+    from .data.loader import build_loader
+    from .engine.trainer import resolve_device, seed_everything, to_device
+    from .tasks import get_task
+
+    seed_everything(cfg["seed"])
+    task = get_task(cfg["task"], cfg)
+    device = resolve_device(cfg["device"])
+    model = task.build_model(cfg).to(device)
+    data = task.build_dataset(cfg, cfg["data"]["train_split"])
+    n = num_images or cfg["calibration"]["num_images"] or len(data)
+    loader = build_loader(data, max(2, cfg["calibration"]["batch_size"]), train=True,
+                          num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
+    tf = task.build_transform(cfg, train=False)
+    return model, task, (tf(to_device(b, device)) for b in loader), n
+
+
+def _stamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+@main.command("calibrate")
+@config_opt
+@set_opt
+@click.option("--num-images", type=int, default=None, help="Images to calibrate on (default calibration.num_images).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="CSV path (default work_dirs/<config>/calibration-<time>.csv).")
+@_friendly
+def calibrate_cmd(config: Optional[str], overrides: tuple[str, ...], num_images: Optional[int], out: Optional[str]) -> None:
+    """Measure the per-branch mean/std at every fusion site and print the calibration table."""
+    from .equalizer import calibrate
+
+    cfg = _load(config, overrides)
+    model, _, batches, n = _calibration_batches(cfg, num_images)
+    table = calibrate(model, batches, num_images=n)
+    click.echo(table.to_markdown(index=False, floatfmt=".4f"))
+    path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
+    _refuse_overwrite(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    click.echo(f"wrote {path}")
+
+
+@main.command("inspect")
+@config_opt
+@set_opt
+@click.option("--checkpoint", "-k", default=None, help="Inspect a trained checkpoint instead of the initial model.")
+@click.option("--num-images", type=int, default=None, help="Images to measure on (default calibration.num_images).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default work_dirs/<config>/inspect-<time>).")
+@_friendly
+def inspect_cmd(config: Optional[str], overrides: tuple[str, ...], checkpoint: Optional[str], num_images: Optional[int],
+                out: Optional[str]) -> None:
+    """Per fusion site, the std of every concat subject before and after equalization (table + PNG)."""
+    from .engine.checkpoint import load_checkpoint, load_model_state
+    from .equalizer import calibrate, equalizers, measure
+    from .report import plot_inspection
+
+    cfg = _load(config, overrides)
+    model, _, batches, n = _calibration_batches(cfg, num_images)
+    if checkpoint:
+        load_model_state(model, load_checkpoint(checkpoint), checkpoint)
+    eqs = [eq for _, eq in equalizers(model)]
+    if not all(eq._is_calibrated for eq in eqs):
+        calibrate(model, batches, num_images=n)
+        _, _, batches, n = _calibration_batches(cfg, num_images)
+    for eq in eqs:  # show what equalization does even for a baseline (mode off) config
+        if eq.mode == "off":
+            eq.mode = "explicit"
+    table = measure(model, batches, num_images=n)
+    cols = ["site", "branch", "channels", "ratio_h", "std", "std_after", "mean", "mean_after"]
+    click.echo(table[cols].to_markdown(index=False, floatfmt=".3f"))
+    for site, g in table.groupby("site", sort=False):
+        click.echo(f"{site}: std max/min before {g['std'].max() / g['std'].min():.2f}, "
+                   f"after {g['std_after'].max() / g['std_after'].min():.2f}")
+    out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("inspect.csv", "inspect.png"):
+        _refuse_overwrite(str(out_dir / name))
+    table.to_csv(out_dir / "inspect.csv", index=False)
+    plot_inspection(table, out_dir / "inspect.png")
+    click.echo(f"wrote {out_dir / 'inspect.csv'} and {out_dir / 'inspect.png'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
