@@ -31,3 +31,30 @@ def synthetic_batches(cfg, n_batches=2, batch_size=4, split="train", seed=0):
             break
         out.append(tf(b)["image"])
     return out
+
+
+def fold_mismatch(explicit, folded, x, margins=None):
+    """Per fusion site: max relative difference of the fuse output in the interior, with both models
+    fed the *same* branch inputs (captured from the explicit model), so border effects of earlier
+    folded sites do not leak in. ``margins`` maps site name -> border width (default 1)."""
+    from densefuse.fusion import Fusion
+
+    sites = {n: m for n, m in explicit.named_modules() if isinstance(m, Fusion)}
+    fsites = {n: m for n, m in folded.named_modules() if isinstance(m, Fusion)}
+    inputs = {}
+    hooks = [
+        f.register_forward_pre_hook(lambda mod, args, kwargs, n=n: inputs.__setitem__(n, (args, kwargs)), with_kwargs=True)
+        for n, f in sites.items()
+    ]
+    with torch.no_grad():
+        explicit(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, (args, kwargs) in inputs.items():
+        m = (margins or {}).get(n, 1)
+        with torch.no_grad():
+            a = sites[n](*args, **kwargs)[..., m:-m, m:-m]
+            b = fsites[n](*args, **kwargs)[..., m:-m, m:-m]
+        out[n] = float((a - b).abs().max() / a.abs().max())
+    return out

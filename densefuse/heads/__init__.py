@@ -18,7 +18,9 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return deco
 
 
+from .aspp import ASPPHead, DepthwiseSeparableASPPHead  # noqa: E402
 from .fcn import FCNHead  # noqa: E402
+from .psp import PSPHead  # noqa: E402
 from .uper import PPM, UPerHead  # noqa: E402
 
-__all__ = ["FCNHead", "HEADS", "PPM", "UPerHead", "register_head"]
+__all__ = ["ASPPHead", "DepthwiseSeparableASPPHead", "FCNHead", "HEADS", "PPM", "PSPHead", "UPerHead", "register_head"]
