@@ -36,13 +36,14 @@ def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str]
     from .config import load_config
     from .tasks import get_task
 
-    default = get_task(task).default_config if task and config is None else None
+    default = get_task(task or "seg").default_config if config is None else None
     cfg = load_config(config, overrides, task_default=default)
     if task is not None and config is not None and cfg["task"] != task:
         raise DensefuseError(f"--task {task} but the config is for task '{cfg['task']}'")
     return cfg
 
 
+task_opt = click.option("--task", "-t", default=None, help="Task whose default config to use when --config is not given (seg).")
 config_opt = click.option("--config", "-c", "config", type=str, default=None, help="YAML config file (or name under configs/).")
 set_opt = click.option("--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 
@@ -54,14 +55,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--task", "-t", default="seg", show_default=True, help="Task plugin (seg, depth, ...).")
+@task_opt
 @config_opt
 @set_opt
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Run directory (default work_dirs/<config>/<time>).")
 @click.option("--resume", is_flag=True, help="Resume from <work-dir>/latest.pth.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @_friendly
-def train(task: str, config: Optional[str], overrides: tuple[str, ...], work_dir: Optional[str], resume: bool,
+def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], work_dir: Optional[str], resume: bool,
           progress: Optional[bool]) -> None:
     """Train a model. Without --config, the task's default config (synthetic data) is used."""
     from .engine.trainer import Trainer
@@ -140,16 +141,18 @@ def _stamp() -> str:
 
 
 @main.command("calibrate")
+@task_opt
 @config_opt
 @set_opt
 @click.option("--num-images", type=int, default=None, help="Images to calibrate on (default calibration.num_images).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="CSV path (default work_dirs/<config>/calibration-<time>.csv).")
 @_friendly
-def calibrate_cmd(config: Optional[str], overrides: tuple[str, ...], num_images: Optional[int], out: Optional[str]) -> None:
+def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], num_images: Optional[int],
+                  out: Optional[str]) -> None:
     """Measure the per-branch mean/std at every fusion site and print the calibration table."""
     from .equalizer import calibrate
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, task)
     model, _, batches, n = _calibration_batches(cfg, num_images)
     table = calibrate(model, batches, num_images=n)
     click.echo(table.to_markdown(index=False, floatfmt=".4f"))
@@ -161,20 +164,21 @@ def calibrate_cmd(config: Optional[str], overrides: tuple[str, ...], num_images:
 
 
 @main.command("inspect")
+@task_opt
 @config_opt
 @set_opt
 @click.option("--checkpoint", "-k", default=None, help="Inspect a trained checkpoint instead of the initial model.")
 @click.option("--num-images", type=int, default=None, help="Images to measure on (default calibration.num_images).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default work_dirs/<config>/inspect-<time>).")
 @_friendly
-def inspect_cmd(config: Optional[str], overrides: tuple[str, ...], checkpoint: Optional[str], num_images: Optional[int],
-                out: Optional[str]) -> None:
+def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], checkpoint: Optional[str],
+                num_images: Optional[int], out: Optional[str]) -> None:
     """Per fusion site, the std of every concat subject before and after equalization (table + PNG)."""
     from .engine.checkpoint import load_checkpoint, load_model_state
     from .equalizer import calibrate, equalizers, measure
     from .report import plot_inspection
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, task)
     model, _, batches, n = _calibration_batches(cfg, num_images)
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint), checkpoint)

@@ -2,11 +2,12 @@
 
 Every key must exist in :data:`DEFAULTS` (or, inside the open sections listed in :data:`OPEN`, be
 accepted by the builder that reads them). Unknown keys are errors with a did-you-mean hint; values
-must have the type of the default. Files are read with ``yaml.safe_load``.
+must have the type of the default. Files are read with a safe loader using YAML 1.2 booleans (``off`` is a string).
 """
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -72,6 +73,25 @@ OPEN = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. ``mode: off`` stays the string 'off'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list(_first)
+    )
+
+
+def safe_load(text: Any) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 class Config(dict):
     """A nested dict with attribute access (``cfg.train.iters``)."""
 
@@ -134,7 +154,7 @@ def find_config(name: PathLike) -> Path:
 def _read_yaml(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:
@@ -172,7 +192,7 @@ def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: str = "") 
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         if key not in defaults:
-            raise ConfigError(f"{where}unknown config key '{path}'{did_you_mean(key, defaults)}")
+            raise ConfigError(f"{where}unknown config key '{path}'{did_you_mean(key, defaults, prefix)}")
         default = defaults[key]
         if path in OPEN or default is None or value is None:
             continue
@@ -203,10 +223,11 @@ def _set(cfg: dict, dotted: str, raw: str) -> None:
         path = ".".join(keys[: i + 1])
         if not isinstance(node, dict) or k not in node:
             choices = node.keys() if isinstance(node, dict) else []
-            raise ConfigError(f"--set {dotted}: no config key '{path}'{did_you_mean(k, choices)}")
+            parent = ".".join(keys[:i])
+            raise ConfigError(f"--set {dotted}: no config key '{path}'{did_you_mean(k, choices, parent + '.' if parent else '')}")
         if i == len(keys) - 1:
             try:
-                node[k] = yaml.safe_load(raw) if raw != "" else ""
+                node[k] = safe_load(raw) if raw != "" else ""
             except yaml.YAMLError:
                 node[k] = raw
         else:
@@ -252,7 +273,7 @@ def check_kwargs(section: str, kwargs: Mapping[str, Any], accepted: Iterable[str
     accepted = list(accepted)
     for k in kwargs:
         if k not in accepted:
-            raise ConfigError(f"unknown config key '{section}.{k}'{did_you_mean(k, accepted)}")
+            raise ConfigError(f"unknown config key '{section}.{k}'{did_you_mean(k, accepted, section + '.')}")
 
 
 def dump(cfg: Mapping, path: PathLike) -> None:

@@ -26,7 +26,7 @@ class CalibrationError(DensefuseError):
     """An equalizer is used in a state that makes no sense (uncalibrated, folded twice, ...)."""
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """Return ``" (did you mean 'prefix.x'?)"`` for the closest choice, or an empty string."""
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""

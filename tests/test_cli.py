@@ -87,7 +87,7 @@ def test_unknown_config_key_in_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("_base_: []\ntrain:\n  iterz: 3\n")
     r = run("train", "--config", str(tmp_path / "bad.yaml"), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "unknown config key 'train.iterz' (did you mean 'iters'?)" in r.stderr
+    assert "unknown config key 'train.iterz' (did you mean 'train.iters'?)" in r.stderr
 
 
 def test_calibrate_and_inspect_commands(tmp_path):

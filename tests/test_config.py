@@ -39,13 +39,13 @@ def test_delete_replaces_a_section(tmp_path):
 
 def test_unknown_key_has_did_you_mean(tmp_path):
     _write(tmp_path / "c.yaml", {"train": {"itres": 5}})
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.itres' \(did you mean 'iters'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.itres' \(did you mean 'train.iters'\?\)"):
         densefuse.load_config(tmp_path / "c.yaml")
 
 
 def test_set_unknown_key_and_bad_type(tmp_path):
     _write(tmp_path / "c.yaml", {})
-    with pytest.raises(ConfigError, match=r"--set train.batchsize: no config key 'train.batchsize' \(did you mean 'batch_size'"):
+    with pytest.raises(ConfigError, match=r"--set train.batchsize: no config key 'train.batchsize' \(did you mean 'train.batch_size'"):
         densefuse.load_config(tmp_path / "c.yaml", ["train.batchsize=4"])
     with pytest.raises(ConfigError, match=r"'train.iters' must be int, got str 'many'"):
         densefuse.load_config(tmp_path / "c.yaml", ["train.iters=many"])
@@ -69,9 +69,18 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_head_kwargs_are_checked_at_build(default_cfg):
     default_cfg.model.decode_head["pool_scale"] = [1, 2]
-    with pytest.raises(ConfigError, match=r"model.decode_head.pool_scale' \(did you mean 'pool_scales'"):
+    with pytest.raises(ConfigError, match=r"model.decode_head.pool_scale' \(did you mean 'model.decode_head.pool_scales'"):
         densefuse.build_model(default_cfg)
 
 
 def test_bare_names_resolve_in_configs_dir():
     assert find_config("seg/synthetic_upernet_r18").name == "synthetic_upernet_r18.yaml"
+
+
+def test_yaml12_booleans_keep_mode_off_a_string(tmp_path):
+    (tmp_path / "m.yaml").write_text("model:\n  equalizer:\n    mode: off\ntrain:\n  amp: true\n")
+    cfg = densefuse.load_config(tmp_path / "m.yaml", ["data.augment.flip=false"])
+    assert cfg.model.equalizer.mode == "off"
+    assert cfg.train.amp is True and cfg.data.augment.flip is False
+    cfg = densefuse.load_config(tmp_path / "m.yaml", ["model.equalizer.mode=fold"])
+    assert cfg.model.equalizer.mode == "fold"
