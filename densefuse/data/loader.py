@@ -1,0 +1,180 @@
+"""Samplers, DataLoader construction and the per-sample CPU crop that makes fixed-size tensors."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Optional, Sequence, Sized, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .io import IGNORE_INDEX
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class InfiniteSampler(Sampler[int]):
+    """Endless index stream for iteration-based training (mmengine's ``InfiniteSampler``).
+
+    Epoch ``e`` is a permutation drawn from ``seed + e`` (or ``range(n)`` without shuffle); under
+    torch.distributed each rank takes every ``world_size``-th index of it, so ranks see disjoint
+    samples. ``start`` skips that many indices of this rank's stream (for resuming at an iteration:
+    ``start = iteration * batch_size``).
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        start: int = 0,
+    ) -> None:
+        r, w = _dist_info()
+        self.size = len(dataset)
+        if self.size == 0:
+            raise ValueError("InfiniteSampler needs a non-empty dataset")
+        self.shuffle, self.seed, self.start = shuffle, int(seed), int(start)
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+
+    def _epoch(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def _global(self) -> Iterator[int]:
+        epoch = 0
+        while True:
+            yield from self._epoch(epoch)
+            epoch += 1
+
+    def __iter__(self) -> Iterator[int]:
+        skip = self.start
+        for k, idx in enumerate(self._global()):
+            if k % self.world_size != self.rank:
+                continue
+            if skip > 0:
+                skip -= 1
+                continue
+            yield idx
+
+    def __len__(self) -> int:  # a nominal length: one epoch's share per rank
+        return math.ceil(self.size / self.world_size)
+
+
+class ShardSampler(Sampler[int]):
+    """Sequential evaluation indices ``rank::world_size``, without the padding duplicates of
+    ``DistributedSampler`` (they would count some images twice in a dataset-level metric)."""
+
+    def __init__(self, dataset: Sized, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+        r, w = _dist_info()
+        self.size = len(dataset)
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def _worker_init(worker_id: int) -> None:
+    # torch seeds each worker (base_seed + id); seed numpy/random from it for user transforms too
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    collate_fn: Optional[Callable[[list], Any]] = None,
+    start_iter: int = 0,
+) -> DataLoader:
+    """DataLoader for training (infinite shuffled stream, ``drop_last``) or evaluation (one ordered pass,
+    sharded over ranks). Worker RNGs derive from ``seed`` so random crops are reproducible.
+    ``start_iter`` resumes the training stream after that many batches."""
+    if train:
+        sampler: Sampler[int] = InfiniteSampler(dataset, shuffle=True, seed=seed, start=start_iter * batch_size)
+    else:
+        sampler = ShardSampler(dataset)
+    g = torch.Generator().manual_seed(int(seed) + _dist_info()[0])
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=train,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=g,
+    )
+
+
+def pad_to(x: Tensor, size: Sequence[int], value: Union[float, Sequence[float]]) -> Tensor:
+    """Pad the last two dims of ``x`` at the bottom/right up to ``size`` (no-op when big enough).
+
+    ``value`` is one number or one per channel of a (C,H,W) tensor."""
+    ph, pw = max(int(size[0]) - x.shape[-2], 0), max(int(size[1]) - x.shape[-1], 0)
+    if ph == 0 and pw == 0:
+        return x
+    if isinstance(value, (int, float)):
+        return F.pad(x, (0, pw, 0, ph), value=value)
+    fill = torch.as_tensor(value, dtype=x.dtype).view(-1, 1, 1)
+    out = fill.expand(x.shape[0], x.shape[1] + ph, x.shape[2] + pw).clone()
+    out[:, : x.shape[1], : x.shape[2]] = x
+    return out
+
+
+class RandomCropPad:
+    """Per-sample CPU transform: a random ``crop_size`` window, padded bottom/right when the image is
+    smaller (image ``fill``, one value or one per channel; label ``ignore_index``; depth 0), so a batch
+    collates to fixed-size tensors. Leave ``generator`` unset with DataLoader workers (each worker
+    would get a copy of it and draw the same crops); workers seed torch's global RNG themselves.
+
+    Works on a sample dict with ``image`` (3,H,W), optional ``label`` (H,W) and ``depth`` (1,H,W);
+    other keys pass through. mmseg's ``cat_max_ratio`` re-drawing is not implemented.
+    """
+
+    def __init__(
+        self,
+        crop_size: Sequence[int],
+        ignore_index: int = IGNORE_INDEX,
+        fill: Union[float, Sequence[float]] = 0,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.ignore_index, self.fill, self.generator = ignore_index, fill, generator
+
+    def __call__(self, sample: dict) -> dict:
+        ch, cw = self.crop_size
+        H, W = sample["image"].shape[-2:]
+        y0 = int(torch.randint(0, max(H - ch, 0) + 1, (1,), generator=self.generator))
+        x0 = int(torch.randint(0, max(W - cw, 0) + 1, (1,), generator=self.generator))
+        out = dict(sample)
+        for key, value in (("image", self.fill), ("label", self.ignore_index), ("depth", 0)):
+            if key in sample:
+                x = sample[key][..., y0:y0 + ch, x0:x0 + cw]
+                out[key] = pad_to(x, self.crop_size, value).contiguous()
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomCropPad(crop_size={self.crop_size}, ignore_index={self.ignore_index}, fill={self.fill})"
