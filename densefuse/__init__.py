@@ -1,4 +1,5 @@
 """densefuse: dense prediction with scale-equalized multi-level feature fusion."""
+from . import smp  # segmentation_models_pytorch is imported lazily inside
 from .config import Config, load_config
 from .equalizer import ScaleEqualizer, calibrate, equalizers, fold, measure, set_mode
 from .errors import CalibrationError, ConfigError, DataError, DensefuseError
@@ -26,4 +27,5 @@ __all__ = [
     "measure",
     "register_task",
     "set_mode",
+    "smp",
 ]

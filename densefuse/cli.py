@@ -73,7 +73,7 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
     click.echo(f"work dir: {trainer.work_dir}")
     metrics = trainer.run()
-    shown = {k: round(float(v), 2) for k, v in metrics.items() if isinstance(v, (int, float))}
+    shown = {k: round(float(v), 2) for k, v in metrics.items() if "." not in k}
     click.echo(f"final: {shown}")
 
 
@@ -107,8 +107,8 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
     metrics = evaluate(model, task, loader, task.build_transform(cfg, train=False), device)
-    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    click.echo(pd.DataFrame([scalars]).to_markdown(index=False, floatfmt=".2f"))
+    scalars = {k: float(v) for k, v in metrics.items()}
+    click.echo(pd.DataFrame([{k: v for k, v in scalars.items() if "." not in k}]).to_markdown(index=False, floatfmt=".2f"))
     if out:
         _refuse_overwrite(out)
         pd.DataFrame([scalars]).to_csv(out, index=False)

@@ -62,6 +62,8 @@ class ScaleEqualizer(nn.Module):
         self._is_calibrated = False
         self._is_folded = False
         self._target: Optional[tuple[nn.Conv2d, Optional[nn.Module]]] = None
+        #: name of the site in reports; ``None`` uses the owning module's path
+        self.label: Optional[str] = None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -261,8 +263,10 @@ def equalizers(model: nn.Module) -> Iterator[tuple[str, ScaleEqualizer]]:
             yield name, m
 
 
-def site_name(name: str) -> str:
-    """Report name of a site: the owning module's path."""
+def site_name(name: str, eq: Optional[ScaleEqualizer] = None) -> str:
+    """Report name of a site: the equalizer's ``label``, else the owning module's path."""
+    if eq is not None and eq.label:
+        return eq.label
     return name[: -len(".equalizer")] if name.endswith(".equalizer") else name
 
 
@@ -339,7 +343,7 @@ def _rows(eqs: list[tuple[str, ScaleEqualizer]]) -> pd.DataFrame:
             ratio = eq.ratios[i] or (float("nan"), float("nan"))
             rows.append(
                 {
-                    "site": site_name(name),
+                    "site": site_name(name, eq),
                     "branch": i,
                     "channels": g,
                     "ratio_h": ratio[0],
@@ -372,7 +376,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_images: Optional[int
         dead = eq.finish_calibration()
         for i in dead:
             warnings.warn(
-                f"fusion site '{site_name(name)}' branch {i} is constant (std < {eq.eps}); it is left unscaled",
+                f"fusion site '{site_name(name, eq)}' branch {i} is constant (std < {eq.eps}); it is left unscaled",
                 stacklevel=2,
             )
     return _rows(eqs)
@@ -393,6 +397,11 @@ def fold(model: nn.Module) -> nn.Module:
         raise CalibrationError("the model has no scale equalizers to fold")
     if any(eq._is_folded for _, eq in eqs):
         raise CalibrationError("the model is already folded; folding twice would rescale the fusion convs twice")
+    for name, eq in eqs:  # check every site first so a refusal leaves the model untouched
+        if eq._target is None:
+            raise CalibrationError(f"fusion site '{site_name(name, eq)}' has no conv to fold into; use mode 'explicit'")
+        if not eq._is_calibrated:
+            raise CalibrationError(f"fusion site '{site_name(name, eq)}' is not calibrated; run densefuse.calibrate first")
     for _, eq in eqs:
         eq.fold()
     return model

@@ -52,7 +52,7 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path):
         def __reduce__(self):
             raise RuntimeError("cannot pickle")
 
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="cannot pickle"):
         save_checkpoint(path, {"iter": 4, "bad": Boom()})
     assert load_checkpoint(path)["iter"] == 3  # the old file survives a failed save
     assert os.listdir(tmp_path) == ["ck.pth"]  # no temp files left behind

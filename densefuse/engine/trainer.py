@@ -109,9 +109,9 @@ class Trainer:
         if not self.resume:
             dump(self.cfg, wd / "config.yaml")
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, start_iter: int = 0) -> DataLoader:
         return build_loader(dataset, batch_size, train=train, num_workers=self.cfg["data"]["num_workers"],
-                            seed=self.cfg["seed"])
+                            seed=self.cfg["seed"], start_iter=start_iter)
 
     def calibrate(self, model: nn.Module, dataset: Dataset) -> Optional[pd.DataFrame]:
         """Calibrate every equalizer on training images (normalized, not augmented) and fold if asked."""
@@ -156,7 +156,7 @@ class Trainer:
         train_tf = task.build_transform(cfg, train=True)
         eval_tf = task.build_transform(cfg, train=False)
         val_loader = self._loader(val_set, cfg["eval"]["batch_size"], train=False)
-        batches = iter(self._loader(train_set, tc["batch_size"], train=True))
+        batches = iter(self._loader(train_set, tc["batch_size"], train=True, start_iter=start))
         use_amp = bool(tc["amp"]) and dev.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         model.train()
@@ -169,8 +169,9 @@ class Trainer:
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
                 outputs = model(batch["image"])
                 loss, parts = task.loss(outputs, batch)
-            if not math.isfinite(float(loss)):
-                raise DensefuseError(f"loss became {float(loss)} at iteration {it + 1}; lower optim.lr")
+            loss_value = loss.detach().item()
+            if not math.isfinite(loss_value):
+                raise DensefuseError(f"loss became {loss_value} at iteration {it + 1}; lower optim.lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if tc["grad_clip"]:
@@ -179,27 +180,32 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            for k, v in {"loss": float(loss), **parts}.items():
+            for k, v in {"loss": loss_value, **parts}.items():
                 running[k] = running.get(k, 0.0) + float(v)
             n_running += 1
             done = it + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
             if done % tc["log_interval"] == 0 or done == tc["iters"]:
                 speed = (done - start) * tc["batch_size"] / max(time.time() - t_start, 1e-9)
-                self.log(f"iter {done}/{tc['iters']} loss {float(loss):.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                self.log(f"iter {done}/{tc['iters']} loss {loss_value:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                          f"{speed:.1f} img/s", echo=False)
             is_last = done == tc["iters"]
             if done % tc["val_interval"] == 0 or is_last:
                 last_metrics = evaluate(model, task, val_loader, eval_tf, dev)
+                # summary metrics go to metrics.csv; per-class ones ("IoU.<class>") to per_class.csv
+                summary_metrics = {k: float(v) for k, v in last_metrics.items() if "." not in k}
                 row = {"iter": done, "lr": scheduler.get_last_lr()[0], "time_s": round(time.time() - t_start, 2)}
                 row.update({k: v / max(n_running, 1) for k, v in running.items()})
-                row.update({k: v for k, v in last_metrics.items() if isinstance(v, (int, float))})
+                row.update(summary_metrics)
                 history.append(row)
                 pd.DataFrame(history).to_csv(self.work_dir / "metrics.csv", index=False)
+                per_class = {k: float(v) for k, v in last_metrics.items() if "." in k}
+                if per_class:
+                    pd.Series(per_class, name=f"iter_{done}").to_csv(self.work_dir / "per_class.csv")
                 running, n_running = {}, 0
-                summary = " ".join(f"{k} {v:.2f}" for k, v in last_metrics.items() if isinstance(v, (int, float)))
+                summary = " ".join(f"{k} {v:.2f}" for k, v in summary_metrics.items())
                 self.log(f"eval @ iter {done}: {summary}", echo=not self.progress)
                 if bar is not None:
                     bar.write(f"eval @ iter {done}: {summary}")
