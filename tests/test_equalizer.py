@@ -58,7 +58,7 @@ def test_default_upernet_has_two_fusion_sites(setup):
     names = [n for n, _ in densefuse.equalizers(model)]
     assert names == ["decode_head.psp_fusion.equalizer", "decode_head.fpn_fusion.equalizer"]
     fpn = model.decode_head.fpn_fusion
-    assert [s.stop - s.start for s in fpn.slices] == [128] * 4
+    assert [s.stop - s.start for s in fpn.slices] == [64] * 4
 
 
 def test_mode_off_shows_disequilibrium_at_fpn_site(setup):
@@ -116,7 +116,7 @@ def test_fold_matches_explicit_at_fusion_output(setup):
     assert max(diffs.values()) < 1e-4, diffs
     # the raw fusion conv differs by exactly the per-channel constant moved into BN's running mean
     site_e, site_f = explicit.decode_head.fpn_fusion, folded.decode_head.fpn_fusion
-    feats = [torch.randn(2, 128, 32 // r, 32 // r).relu() for r in (1, 2, 4, 8)]
+    feats = [torch.randn(2, 64, 32 // r, 32 // r).relu() for r in (1, 2, 4, 8)]
     with torch.no_grad():
         ye = site_e.fuse.conv(site_e.concat(feats, (32, 32)))
         yf = site_f.fuse.conv(site_f.concat(feats, (32, 32)))

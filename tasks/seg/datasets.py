@@ -215,7 +215,7 @@ class SyntheticSeg(Dataset):
     Classes: 0 background (a smooth colour gradient), 1 large flat disks, 2 large flat rectangles
     (rotated; disk vs rectangle is a question of *shape*, so big interiors need global context),
     3 stripe-textured and 4 checker-textured blobs (texture at a 3-8 px period), 5 small dots
-    (radius 2-3.5 px, detail). Instance colours are noisy draws around a per-class mean that
+    (radius 4-6.5 px, detail). Instance colours are noisy draws around a per-class mean that
     overlap between classes, and every pixel gets noise, so colour alone does not decide the
     class. A 1-pixel band on each side of object boundaries is labelled 255 (like VOC's
     boundaries). ``num_classes`` < 6 keeps the first kinds. Sample ``i`` of ``split`` is a pure
@@ -340,9 +340,9 @@ def render_scene(size: Sequence[int], num_classes: int, g: torch.Generator) -> t
     edge[:, :-1] |= dx
 
     if 5 in kinds:  # small dots on top, without a band (they are only a few pixels wide)
-        for _ in range(_randint(g, 4, 12)):
+        for _ in range(_randint(g, 6, 14)):
             cy, cx = _u(g, 0, H), _u(g, 0, W)
-            r = _u(g, 2.0, 3.5)
+            r = _u(g, 4.0, 6.5)
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             paint(mask, 5, _colour(g, 5, spread=35.0))
             edge &= ~mask
