@@ -204,5 +204,34 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     click.echo(f"wrote {out_dir / 'inspect.csv'} and {out_dir / 'inspect.png'}")
 
 
+def _csv_list(value: str, kind: type) -> list:
+    try:
+        return [kind(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise DensefuseError(f"expected a comma-separated list of {kind.__name__}, got '{value}'") from None
+
+
+@main.command("compare")
+@task_opt
+@config_opt
+@set_opt
+@click.option("--modes", default="off,explicit", show_default=True, help="Equalizer modes to compare (first = baseline).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per mode.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Root of the runs (default work_dirs/<config>_compare).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
+@_friendly
+def compare_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], modes: str, seeds: str,
+                work_dir: Optional[str], progress: Optional[bool]) -> None:
+    """The paper's comparison: the same model with and without scale EQ over several seeds, one table."""
+    from .engine.compare import compare, format_summary
+
+    cfg = _load(config, overrides, task)
+    runs, summary = compare(cfg, _csv_list(modes, str), _csv_list(seeds, int), Path(work_dir) if work_dir else None,
+                            progress=progress, log=click.echo)
+    click.echo(runs.to_markdown(index=False, floatfmt=".2f"))
+    click.echo()
+    click.echo(format_summary(summary))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
