@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import timm
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -34,6 +33,8 @@ class TimmEncoder(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        import timm  # deferred: importing timm costs ~1.5 s, which CLI error paths should not pay
+
         if not timm.is_model(name):
             raise ConfigError(f"unknown timm encoder 'model.encoder.name: {name}'")
         extra: dict[str, Any] = {}
