@@ -31,7 +31,7 @@ def test_train_writes_metrics_and_checkpoints(trained):
     metrics = pd.read_csv(wd / "metrics.csv")
     assert list(metrics["iter"]) == [3, 6]
     assert {"mIoU", "mAcc", "aAcc", "loss", "lr"} <= set(metrics.columns)
-    for f in ("config.yaml", "calibration.csv", "latest.pth", "final.pth", "log.txt"):
+    for f in ("config.yaml", "calibration.csv", "latest.pth", "final.pth", "log.txt", "predictions.png"):
         assert (wd / f).is_file(), f
     state = torch.load(wd / "final.pth", weights_only=True)
     assert state["iter"] == 6
@@ -107,3 +107,19 @@ def test_calibrate_and_inspect_commands(tmp_path):
     fpn = t[t.site == "decode_head.fpn_fusion"]
     assert fpn["std"].max() / fpn["std"].min() > 1.1
     assert (tmp_path / "insp" / "inspect.png").stat().st_size > 1000
+
+
+def test_resume_continues_from_latest_checkpoint(tmp_path):
+    wd = tmp_path / "wd"
+    short = [a if a != "train.iters=6" else "train.iters=3" for a in FAST]
+    r = run("train", "--work-dir", str(wd), "--no-progress", *short)
+    assert r.returncode == 0, r.stderr
+    calib = (wd / "calibration.csv").read_bytes()
+    r = run("train", "--work-dir", str(wd), "--no-progress", "--resume", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from iteration 3" in (wd / "log.txt").read_text()
+    assert list(pd.read_csv(wd / "metrics.csv")["iter"]) == [3, 6]
+    assert torch.load(wd / "final.pth", weights_only=True)["iter"] == 6
+    assert (wd / "calibration.csv").read_bytes() == calib  # the equalizer stats come from the checkpoint
+    r = run("train", "--work-dir", str(tmp_path / "empty"), "--resume", *FAST)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr

@@ -213,7 +213,29 @@ class Trainer:
                 self._save(model, optimizer, scheduler, done, last_metrics, final=is_last)
         if bar is not None:
             bar.close()
+        self._save_predictions(model, val_loader, eval_tf)
         return last_metrics
+
+    @torch.no_grad()
+    def _save_predictions(self, model: nn.Module, loader: Iterable[Mapping[str, Any]], transform: Callable[[dict], dict],
+                          max_images: int = 8) -> None:
+        """``predictions.png``: the task's picture of the first validation images (input | prediction)."""
+        from PIL import Image
+
+        was_training = model.training
+        model.eval()
+        rows = []
+        for batch in loader:
+            batch = transform(to_device(batch, self.device))
+            pictures = self.task.visualize(batch, self.task.predict(model(batch["image"])))
+            rows += list(pictures.cpu())
+            if len(rows) >= max_images:
+                break
+        model.train(was_training)
+        rows = [r for r in rows[:max_images] if r.shape == rows[0].shape]
+        if rows:
+            grid = torch.cat(rows, dim=-1).permute(1, 2, 0).numpy()
+            Image.fromarray(grid).save(self.work_dir / "predictions.png")
 
     def _bar(self, start: int, total: int) -> Any:
         if not self.progress:
