@@ -123,3 +123,19 @@ def test_resume_continues_from_latest_checkpoint(tmp_path):
     assert (wd / "calibration.csv").read_bytes() == calib  # the equalizer stats come from the checkpoint
     r = run("train", "--work-dir", str(tmp_path / "empty"), "--resume", *FAST)
     assert r.returncode == 2 and "nothing to resume" in r.stderr
+
+
+def test_train_and_eval_an_smp_model_from_config(tmp_path):
+    wd = tmp_path / "smp"
+    r = run("train", "--config", "configs/seg/synthetic_smp_upernet_r18.yaml", "--work-dir", str(wd), "--no-progress",
+            "--set", "model.smp.kwargs.decoder_channels=32", *FAST)
+    assert r.returncode == 0, r.stderr
+    calib = pd.read_csv(wd / "calibration.csv")
+    assert set(calib["site"]) == {"decoder.psp.out_conv", "decoder.fusion_block"}
+    state = torch.load(wd / "final.pth", weights_only=True)
+    assert any(k.startswith("scale_equalizers.") for k in state["model"])
+    assert "decoder.fusion_block.0.weight" in state["model"]  # smp's own keys are unchanged
+    last = pd.read_csv(wd / "metrics.csv").iloc[-1]
+    r = run("eval", "--checkpoint", str(wd / "final.pth"), "--out", str(wd / "eval.csv"))
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(wd / "eval.csv").iloc[0]["mIoU"] == pytest.approx(last["mIoU"], abs=1e-6)
