@@ -119,9 +119,9 @@ def _refuse_overwrite(path: str) -> None:
         raise DensefuseError(f"{path} already exists; not overwriting it")
 
 
-def _calibration_batches(cfg: Any, num_images: Optional[int]) -> tuple[Any, Any, Any, int]:
-    from .data.loader import build_loader
-    from .engine.trainer import resolve_device, seed_everything, to_device
+def _model_and_data(cfg: Any, num_images: Optional[int]) -> tuple[Any, Callable[[int], Any], int]:
+    """The model of ``cfg``, a function ``seed -> calibration batches`` and the number of images to use."""
+    from .engine.trainer import calibration_batches, resolve_device, seed_everything
     from .tasks import get_task
 
     seed_everything(cfg["seed"])
@@ -130,10 +130,7 @@ def _calibration_batches(cfg: Any, num_images: Optional[int]) -> tuple[Any, Any,
     model = task.build_model(cfg).to(device)
     data = task.build_dataset(cfg, cfg["data"]["train_split"])
     n = num_images or cfg["calibration"]["num_images"] or len(data)
-    loader = build_loader(data, max(2, cfg["calibration"]["batch_size"]), train=True,
-                          num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
-    tf = task.build_transform(cfg, train=False)
-    return model, task, (tf(to_device(b, device)) for b in loader), n
+    return model, lambda seed: calibration_batches(task, cfg, data, device, seed), n
 
 
 def _stamp() -> str:
@@ -153,8 +150,8 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
     from .equalizer import calibrate
 
     cfg = _load(config, overrides, task)
-    model, _, batches, n = _calibration_batches(cfg, num_images)
-    table = calibrate(model, batches, num_images=n)
+    model, batches, n = _model_and_data(cfg, num_images)
+    table = calibrate(model, batches(cfg["seed"]), num_images=n)
     click.echo(table.to_markdown(index=False, floatfmt=".4f"))
     path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
     _refuse_overwrite(str(path))
@@ -179,17 +176,16 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     from .report import plot_inspection
 
     cfg = _load(config, overrides, task)
-    model, _, batches, n = _calibration_batches(cfg, num_images)
+    model, batches, n = _model_and_data(cfg, num_images)
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint), checkpoint)
     eqs = [eq for _, eq in equalizers(model)]
     if not all(eq._is_calibrated for eq in eqs):
-        calibrate(model, batches, num_images=n)
-        _, _, batches, n = _calibration_batches(cfg, num_images)
+        calibrate(model, batches(cfg["seed"]), num_images=n)
     for eq in eqs:  # show what equalization does even for a baseline (mode off) config
         if eq.mode == "off":
-            eq.mode = "explicit"
-    table = measure(model, batches, num_images=n)
+            eq.set_mode("explicit")
+    table = measure(model, batches(cfg["seed"] + 1), num_images=n)  # other images than the calibration's
     cols = ["site", "branch", "channels", "ratio_h", "std", "std_after", "mean", "mean_after"]
     click.echo(table[cols].to_markdown(index=False, floatfmt=".3f"))
     for site, g in table.groupby("site", sort=False):

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -51,6 +51,17 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 def default_work_dir(cfg: Mapping[str, Any]) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
     return Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / stamp
+
+
+def calibration_batches(task: Task, cfg: Mapping[str, Any], dataset: Dataset, device: torch.device,
+                        seed: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    """Training images, normalized but not augmented (Algorithm 1 iterates over the training set), in
+    a seeded shuffled order; at least 2 per batch because BN runs in train mode."""
+    c = cfg["calibration"]
+    loader = build_loader(dataset, max(2, c["batch_size"]), train=True, num_workers=cfg["data"]["num_workers"],
+                          seed=cfg["seed"] if seed is None else seed)
+    tf = task.build_transform(cfg, train=False)
+    return (tf(to_device(b, device)) for b in loader)
 
 
 @torch.no_grad()
@@ -118,14 +129,11 @@ class Trainer:
         eqs = list(equalizers(model))
         if not eqs or all(eq.mode == "off" for _, eq in eqs):
             return None
-        c = self.cfg["calibration"]
-        loader = self._loader(dataset, max(2, c["batch_size"]), train=True)
-        tf = self.task.build_transform(self.cfg, train=False)
+        n = self.cfg["calibration"]["num_images"] or len(dataset)
         t0 = time.time()
-        table = calibrate(model, (tf(to_device(b, self.device)) for b in loader), num_images=c["num_images"] or len(dataset))
+        table = calibrate(model, calibration_batches(self.task, self.cfg, dataset, self.device), num_images=n)
         table.to_csv(self.work_dir / "calibration.csv", index=False)
-        self.log(f"calibrated {len(eqs)} fusion sites on {c['num_images'] or len(dataset)} images "
-                 f"in {time.time() - t0:.1f}s -> calibration.csv")
+        self.log(f"calibrated {len(eqs)} fusion sites on {n} images in {time.time() - t0:.1f}s -> calibration.csv")
         if any(eq.mode == "fold" for _, eq in eqs):
             fold(model)
             self.log("folded the equalizers into the fusion convs (Algorithm 1)")
