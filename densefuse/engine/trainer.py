@@ -227,22 +227,27 @@ class Trainer:
     @torch.no_grad()
     def _save_predictions(self, model: nn.Module, loader: Iterable[Mapping[str, Any]], transform: Callable[[dict], dict],
                           max_images: int = 8) -> None:
-        """``predictions.png``: the task's picture of the first validation images (input | prediction)."""
+        """``predictions.png``: the first validation images (top row) and the task's picture of the
+        model's predictions on them (bottom row)."""
         from PIL import Image
 
         was_training = model.training
         model.eval()
-        rows = []
+        inputs, pictures = [], []
         for batch in loader:
             batch = transform(to_device(batch, self.device))
-            pictures = self.task.visualize(batch, self.task.predict(model(batch["image"])))
-            rows += list(pictures.cpu())
-            if len(rows) >= max_images:
+            shown = self.task.visualize(batch, self.task.predict(model(batch["image"]))).cpu()
+            raw = batch.get("raw_image")
+            pictures += list(shown)
+            inputs += list(raw.cpu() if raw is not None else torch.zeros_like(shown))
+            if len(pictures) >= max_images:
                 break
         model.train(was_training)
-        rows = [r for r in rows[:max_images] if r.shape == rows[0].shape]
-        if rows:
-            grid = torch.cat(rows, dim=-1).permute(1, 2, 0).numpy()
+        keep = [i for i in range(min(len(pictures), max_images)) if pictures[i].shape == pictures[0].shape]
+        if keep:
+            top = torch.cat([inputs[i] for i in keep], dim=-1)
+            bottom = torch.cat([pictures[i] for i in keep], dim=-1)
+            grid = torch.cat([top.to(bottom.dtype), bottom], dim=-2).permute(1, 2, 0).numpy()
             Image.fromarray(grid).save(self.work_dir / "predictions.png")
 
     def _bar(self, start: int, total: int) -> Any:
