@@ -17,7 +17,8 @@ class EncoderDecoder(nn.Module):
     """``encoder -> decode_head`` (and ``auxiliary_head`` in training).
 
     ``forward(x)`` returns ``{"out": logits}`` resized (bilinear) to the input size, plus ``"aux"``
-    in train mode when there is an auxiliary head. ``aux_weight`` is the aux loss weight.
+    in train mode when there is an auxiliary head. The task's loss weights ``"aux"`` by
+    ``model.auxiliary_head.loss_weight`` from the config.
     """
 
     def __init__(
@@ -25,14 +26,12 @@ class EncoderDecoder(nn.Module):
         encoder: nn.Module,
         decode_head: nn.Module,
         auxiliary_head: Optional[nn.Module] = None,
-        aux_weight: float = 0.4,
         align_corners: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
-        self.aux_weight = aux_weight
         self.align_corners = align_corners
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -90,9 +89,9 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
                           enc.get("pretrained"), **kwargs)
     common = {"align_corners": m["align_corners"], "eq_mode": eq.get("mode", "explicit"), "eq_eps": eq.get("eps", 1e-5)}
     decode_head = _build_head(m["decode_head"], "model.decode_head", encoder.channels, m["num_classes"], common)
-    aux, aux_weight = None, 0.0
+    aux = None
     if m.get("auxiliary_head"):
         spec = dict(m["auxiliary_head"])
-        aux_weight = float(spec.pop("loss_weight", 0.4))
+        spec.pop("loss_weight", None)  # read by the task's loss
         aux = _build_head(spec, "model.auxiliary_head", encoder.channels, m["num_classes"], common)
-    return EncoderDecoder(encoder, decode_head, aux, aux_weight, m["align_corners"])
+    return EncoderDecoder(encoder, decode_head, aux, m["align_corners"])
