@@ -1,4 +1,4 @@
-"""``densefuse`` command line: train, eval, calibrate, inspect.
+"""``densefuse`` command line: train, eval, calibrate, inspect, predict, compare.
 
 User errors (bad config, missing files, bad data) print one ``error: ...`` line and exit 2.
 """
@@ -44,6 +44,27 @@ def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str]
 
 
 task_opt = click.option("--task", "-t", default=None, help="Task whose default config to use when --config is not given (seg).")
+def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
+    """(cfg, task, model, device) for a checkpoint; its embedded config unless ``--config`` is given."""
+    from .config import from_dict
+    from .engine.checkpoint import load_checkpoint, load_model_state
+    from .engine.trainer import resolve_device
+    from .tasks import get_task
+
+    state = load_checkpoint(checkpoint)
+    if config is None:
+        if "config" not in state:
+            raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
+        cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
+    else:
+        cfg = _load(config, overrides)
+    task = get_task(cfg["task"], cfg)
+    device = resolve_device(cfg["device"])
+    model = task.build_model(cfg).to(device)
+    load_model_state(model, state, checkpoint)
+    return cfg, task, model, device
+
+
 config_opt = click.option("--config", "-c", "config", type=str, default=None, help="YAML config file (or name under configs/).")
 set_opt = click.option("--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 
@@ -87,23 +108,10 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     """Evaluate a checkpoint on the validation split. Without --config, the checkpoint's own config is used."""
     import pandas as pd
 
-    from .config import from_dict
     from .data.loader import build_loader
-    from .engine.checkpoint import load_checkpoint, load_model_state
-    from .engine.trainer import evaluate, resolve_device
-    from .tasks import get_task
+    from .engine.trainer import evaluate
 
-    state = load_checkpoint(checkpoint)
-    if config is None:
-        if "config" not in state:
-            raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
-        cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
-    else:
-        cfg = _load(config, overrides)
-    task = get_task(cfg["task"], cfg)
-    device = resolve_device(cfg["device"])
-    model = task.build_model(cfg).to(device)
-    load_model_state(model, state, checkpoint)
+    cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
     metrics = evaluate(model, task, loader, task.build_transform(cfg, train=False), device)
@@ -198,6 +206,65 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     table.to_csv(out_dir / "inspect.csv", index=False)
     plot_inspection(table, out_dir / "inspect.png")
     click.echo(f"wrote {out_dir / 'inspect.csv'} and {out_dir / 'inspect.png'}")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise DensefuseError(f"input not found: {item}")
+    if not paths:
+        raise DensefuseError("no input images found")
+    return paths
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--checkpoint", "-k", required=True, type=str, help="Trained checkpoint (.pth).")
+@config_opt
+@set_opt
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the outputs.")
+@_friendly
+def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str], overrides: tuple[str, ...],
+                out_dir: str) -> None:
+    """Predict on image files or folders: <name>.png (class ids / prediction) and <name>_vis.png per image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .data.io import read_image
+    from .engine.trainer import to_device
+
+    paths = _image_paths(inputs)
+    cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
+    model.eval()
+    out = Path(out_dir)
+    targets = [(out / f"{p.stem}.png", out / f"{p.stem}_vis.png") for p in paths]
+    for pair in targets:
+        for t in pair:
+            _refuse_overwrite(str(t))
+    out.mkdir(parents=True, exist_ok=True)
+    transform = task.build_transform(cfg, train=False)
+    with torch.no_grad():
+        for path, (pred_path, vis_path) in zip(paths, targets):
+            batch = transform(to_device({"image": read_image(path)[None]}, device))
+            pred = task.predict(model(batch["image"]))
+            vis = task.visualize(batch, pred)[0].permute(1, 2, 0).cpu().numpy()
+            Image.fromarray(vis).save(vis_path)
+            p = pred[0].squeeze(0).cpu()
+            if p.dtype.is_floating_point or int(p.max()) > 255:  # e.g. depth: 16-bit PNG in 1/256 units
+                Image.fromarray((p.float() * 256).clamp(0, 65535).numpy().astype(np.uint16)).save(pred_path)
+            else:
+                Image.fromarray(p.numpy().astype(np.uint8)).save(pred_path)
+    click.echo(f"wrote {2 * len(paths)} files to {out}")
 
 
 def _csv_list(value: str, kind: type) -> list:

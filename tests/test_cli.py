@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -139,3 +140,33 @@ def test_train_and_eval_an_smp_model_from_config(tmp_path):
     r = run("eval", "--checkpoint", str(wd / "final.pth"), "--out", str(wd / "eval.csv"))
     assert r.returncode == 0, r.stderr
     assert pd.read_csv(wd / "eval.csv").iloc[0]["mIoU"] == pytest.approx(last["mIoU"], abs=1e-6)
+
+
+def test_predict_writes_class_maps_and_pictures(trained, tmp_path):
+    from PIL import Image
+
+    wd, _ = trained
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for name, size in (("a.png", (64, 80)), ("b.jpg", (70, 64))):
+        arr = torch.randint(0, 256, (*size, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(arr).save(imgs / name)
+    out = tmp_path / "pred"
+    r = run("predict", str(imgs), "--checkpoint", str(wd / "final.pth"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    for stem, size in (("a", (64, 80)), ("b", (70, 64))):
+        pred = Image.open(out / f"{stem}.png")
+        assert pred.size == (size[1], size[0]) and pred.mode == "L"
+        assert np.asarray(pred).max() < 6  # class ids of the 6-class synthetic model
+        assert Image.open(out / f"{stem}_vis.png").size == (size[1], size[0])
+    before = (out / "a.png").read_bytes()
+    r = run("predict", str(imgs / "a.png"), "--checkpoint", str(wd / "final.pth"), "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (out / "a.png").read_bytes() == before
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    r = run("predict", str(tmp_path / "broken.png"), "--checkpoint", str(wd / "final.pth"), "--out", str(tmp_path / "p2"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "broken.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("predict", str(tmp_path / "missing.png"), "--checkpoint", str(wd / "final.pth"), "--out", str(tmp_path / "p3"))
+    assert r.returncode == 2 and "input not found" in r.stderr
