@@ -56,6 +56,8 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("folded", torch.tensor(False))
         self.register_buffer("_sums", torch.zeros(3, n, dtype=torch.float64), persistent=False)
+        # channel count per branch as a device tensor, so the per-channel expansion needs no host copy
+        self.register_buffer("_group_sizes", torch.tensor(groups, dtype=torch.long), persistent=False)
         self.observing = False
         self.ratios: list[Optional[tuple[float, float]]] = [None] * n
         # Python mirrors of the bool buffers: no tensor reads in forward (torch.compile friendly).
@@ -153,7 +155,7 @@ class ScaleEqualizer(nn.Module):
         if self._is_folded:
             raise CalibrationError("this site is already folded; calibrating again would fold twice")
         n, mean, var = self.measured()
-        needed = torch.tensor([g > 0 for g in self.groups], device=n.device)
+        needed = self._group_sizes > 0
         if bool((needed & (n == 0)).any()):
             raise CalibrationError("a branch of this fusion site was never seen during calibration")
         std = var.sqrt()
@@ -194,9 +196,9 @@ class ScaleEqualizer(nn.Module):
 
     def channel_affine(self) -> tuple[Tensor, Tensor]:
         """Per-channel (scale, shift) with ``x * scale + shift == (x - mean_i) / std_i``."""
-        reps = torch.tensor(self.groups, device=self.std.device)
-        scale = (1.0 / self.std).repeat_interleave(reps, output_size=sum(self.groups))
-        shift = (-self.mean / self.std).repeat_interleave(reps, output_size=sum(self.groups))
+        total = sum(self.groups)
+        scale = (1.0 / self.std).repeat_interleave(self._group_sizes, output_size=total)
+        shift = (-self.mean / self.std).repeat_interleave(self._group_sizes, output_size=total)
         return scale, shift
 
     # ------------------------------------------------------------------ fold
@@ -226,7 +228,7 @@ class ScaleEqualizer(nn.Module):
             raise CalibrationError(f"cannot fold into a grouped conv with groups={conv.groups}")
         kh, kw = conv.kernel_size
         dh, dw = conv.dilation
-        mean_map = self.mean.repeat_interleave(torch.tensor(self.groups, device=w.device))
+        mean_map = self.mean.repeat_interleave(self._group_sizes, output_size=sum(self.groups))
         const = mean_map.to(w).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
         c = F.conv2d(const, w, None, 1, 0, conv.dilation, conv.groups).flatten()
         if conv.bias is not None:
