@@ -150,11 +150,12 @@ class ScaleEqualizer(nn.Module):
         return n, mean, var
 
     @torch.no_grad()
-    def finish_calibration(self) -> list[int]:
-        """Freeze the measured stats into ``mean``/``std``; return the indices of dead branches."""
+    def finish_calibration(self, measured: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> list[int]:
+        """Freeze the measured stats (``measured()``, or its result when given) into ``mean``/``std``;
+        return the indices of dead branches."""
         if self._is_folded:
             raise CalibrationError("this site is already folded; calibrating again would fold twice")
-        n, mean, var = self.measured()
+        n, mean, var = self.measured() if measured is None else (t.clone() for t in measured)
         needed = self._group_sizes > 0
         if bool((needed & (n == 0)).any()):
             raise CalibrationError("a branch of this fusion site was never seen during calibration")
@@ -226,18 +227,34 @@ class ScaleEqualizer(nn.Module):
             w.mul_(scale.to(w).repeat_interleave(mult).view(-1, 1, 1, 1))
         else:
             raise CalibrationError(f"cannot fold into a grouped conv with groups={conv.groups}")
-        kh, kw = conv.kernel_size
-        dh, dw = conv.dilation
-        mean_map = self.mean.repeat_interleave(self._group_sizes, output_size=sum(self.groups))
-        const = mean_map.to(w).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
-        c = F.conv2d(const, w, None, 1, 0, conv.dilation, conv.groups).flatten()
-        if conv.bias is not None:
-            conv.bias.sub_(c)
-        elif isinstance(norm, _BatchNorm) and norm.running_mean is not None:
-            norm.running_mean.add_(c.to(norm.running_mean))
+        self._absorb_offset(self._mean_offset(conv))
         self.folded.fill_(True)
         self._is_folded = True
         self.mode = "fold"
+
+    def _mean_offset(self, conv: nn.Conv2d) -> Tensor:
+        """Per-output-channel constant that the (already rescaled) ``conv`` adds for the mean term:
+        the conv of a constant map holding each branch's mean, without padding."""
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        w = conv.weight
+        mean_map = self.mean.repeat_interleave(self._group_sizes, output_size=sum(self.groups))
+        const = mean_map.to(w).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+        return F.conv2d(const, w, None, 1, 0, conv.dilation, conv.groups).flatten()
+
+    def _absorb_offset(self, c: Tensor) -> None:
+        """Remove the mean term ``c`` from the fusion conv's output: into its bias, or its BatchNorm's
+        running mean. Subclasses whose conv feeds another linear op first override this."""
+        conv, norm = self._target  # type: ignore[misc]
+        absorb_offset(c, conv, norm)
+
+
+def absorb_offset(c: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module]) -> None:
+    """Make ``conv`` (and the ``norm`` after it) output ``y - c``: bias when present, else BN running mean."""
+    if conv.bias is not None:
+        conv.bias.sub_(c.to(conv.bias))
+    elif isinstance(norm, _BatchNorm) and norm.running_mean is not None:
+        norm.running_mean.add_(c.to(norm.running_mean))
 
 
 def _check_mode(mode: str) -> str:
@@ -334,10 +351,9 @@ def _run(model: nn.Module, batches: Iterable[Any], num_images: Optional[int]) ->
     return seen
 
 
-def _rows(eqs: list[tuple[str, ScaleEqualizer]]) -> pd.DataFrame:
+def _rows(eqs: list[tuple[str, ScaleEqualizer]], measured: list[tuple[Tensor, Tensor, Tensor]]) -> pd.DataFrame:
     rows = []
-    for name, eq in eqs:
-        n, mean, var = eq.measured()
+    for (name, eq), (_, mean, var) in zip(eqs, measured):
         for i, g in enumerate(eq.groups):
             std = math.sqrt(float(var[i]))
             active = eq.mode != "off" and eq._is_calibrated
@@ -374,14 +390,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_images: Optional[int
     """
     with _observing(model) as eqs:
         _run(model, batches, num_images)
-    for name, eq in eqs:
-        dead = eq.finish_calibration()
+    measured = [eq.measured() for _, eq in eqs]  # one all-reduce per site under torch.distributed
+    for (name, eq), stats in zip(eqs, measured):
+        dead = eq.finish_calibration(stats)
         for i in dead:
             warnings.warn(
                 f"fusion site '{site_name(name, eq)}' branch {i} is constant (std < {eq.eps}); it is left unscaled",
                 stacklevel=2,
             )
-    return _rows(eqs)
+    return _rows(eqs, measured)
 
 
 def measure(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None) -> pd.DataFrame:
@@ -389,7 +406,7 @@ def measure(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] 
     equalization with the current (frozen) stats. ``after == before`` for mode ``off``."""
     with _observing(model) as eqs:
         _run(model, batches, num_images)
-    return _rows(eqs)
+    return _rows(eqs, [eq.measured() for _, eq in eqs])
 
 
 def fold(model: nn.Module) -> nn.Module:

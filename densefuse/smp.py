@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .equalizer import ScaleEqualizer, _check_mode, equalizers, measure
+from .equalizer import ScaleEqualizer, _check_mode, absorb_offset, equalizers, measure
 from .errors import CalibrationError, ConfigError, did_you_mean
 
 __all__ = [
@@ -456,23 +456,11 @@ class SmpEqualizer(ScaleEqualizer):
     def extra_repr(self) -> str:
         return f"consumer={self.site.consumer!r}, " + super().extra_repr()
 
-    @torch.no_grad()
-    def fold(self) -> None:
-        super().fold()
-        if self._pointwise is None or self._target is None:
-            return
-        dw = self._target[0]
+    def _absorb_offset(self, c: Tensor) -> None:
+        if self._pointwise is None:
+            return super()._absorb_offset(c)
         pw, norm = self._pointwise
-        kh, kw = dw.kernel_size
-        dh, dwl = dw.dilation
-        mean_map = self.mean.repeat_interleave(torch.tensor(self.groups, device=dw.weight.device))
-        const = mean_map.to(dw.weight).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dwl + 1)
-        c = F.conv2d(const, dw.weight, None, 1, 0, dw.dilation, dw.groups).flatten()  # after the depthwise
-        c = pw.weight.flatten(1) @ c  # through the 1x1 pointwise
-        if pw.bias is not None:
-            pw.bias.sub_(c)
-        elif isinstance(norm, _BatchNorm) and norm.running_mean is not None:
-            norm.running_mean.add_(c.to(norm.running_mean))
+        absorb_offset(pw.weight.flatten(1) @ c, pw, norm)  # the constant passes through the 1x1 pointwise
 
 
 class _EqualizeHook:

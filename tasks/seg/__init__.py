@@ -1,6 +1,7 @@
 """Semantic segmentation task: datasets, loss, metric and visuals for ``densefuse --task seg``."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Callable, Mapping
 
 import torch
@@ -76,8 +77,7 @@ class SegTask(Task):
         data = cfg["data"]
         if not train:
             return Normalize(data["mean"], data["std"])
-        aug = data.get("augment") or {}
-        check_kwargs("data.augment", aug, ("scale_range", "flip", "photometric"))
+        aug = data.get("augment") or {}  # keys already validated by densefuse.config
         scale = aug.get("scale_range", (0.5, 2.0))
         if scale is not None and (len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1])):
             raise ConfigError(f"data.augment.scale_range must be [low, high] with 0 < low <= high, got {scale}")
@@ -87,11 +87,14 @@ class SegTask(Task):
     def _align_corners(self) -> bool:
         return bool((self.cfg.get("model") or {}).get("align_corners", False))
 
+    @cached_property
+    def _loss(self) -> SegLoss:
+        return SegLoss(aux_weight_from_config(self.cfg), IGNORE_INDEX, align_corners=self._align_corners())
+
     def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """``loss_ce + loss_weight * loss_aux`` (weight from ``model.auxiliary_head.loss_weight``, 0.4);
         CE averaged over all pixels as mmseg does (see :mod:`tasks.seg.loss`)."""
-        fn = SegLoss(aux_weight_from_config(self.cfg), IGNORE_INDEX, align_corners=self._align_corners())
-        return fn(outputs, batch)
+        return self._loss(outputs, batch)
 
     def metric(self, cfg: Mapping[str, Any]) -> SegMetrics:
         n = cfg["model"]["num_classes"]
