@@ -1,13 +1,14 @@
 """Task plugins: what a dense-prediction task adds to the core (datasets, loss, metric, visuals).
 
-Tasks register under the entry-point group ``densefuse.tasks`` (``seg`` and ``depth`` ship in the
-top-level ``tasks`` package). The core never imports a task directly: it asks :func:`get_task`.
+Tasks register under the entry-point group ``densefuse.tasks`` (``seg`` ships in the ``tasks/``
+folder of the repository, installed as the package ``densefuse_tasks``). The core never imports a task directly: it asks :func:`get_task`.
 A third task is a new package with an entry point; nothing in ``densefuse/`` changes.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
@@ -19,9 +20,26 @@ from .errors import ConfigError, did_you_mean
 ENTRY_POINT_GROUP = "densefuse.tasks"
 
 
+@dataclass(frozen=True)
+class DenseKey:
+    """How augmentation moves one dense (per-pixel) batch key.
+
+    ``resample`` is ``"bilinear"`` (images, continuous maps such as a ground-depth embedding) or
+    ``"nearest"`` (labels, sparse depth: values must never be blended); ``fill`` is the value of pixels
+    that come from outside the source image (padding, rotation corners).
+    """
+
+    resample: str = "bilinear"
+    fill: float = 0.0
+
+
 @runtime_checkable
 class Metric(Protocol):
-    """Accumulates over a whole dataset; ``compute`` all-reduces under torch.distributed."""
+    """Accumulates over a whole dataset; ``compute`` all-reduces under torch.distributed.
+
+    ``compute()`` returns the summary (flat ``name -> float``, the primary metric among them);
+    ``tables()`` returns named DataFrames with the detail (e.g. per-class IoU), possibly empty.
+    """
 
     def reset(self) -> None: ...
 
@@ -40,6 +58,10 @@ class Task(ABC):
     name: str = ""
     default_config: str = ""
     primary_metric: str = ""
+    #: ``"max"`` when a larger primary metric is better (mIoU), ``"min"`` when smaller is (abs_rel)
+    metric_direction: str = "max"
+    #: the dense keys of this task's batches besides ``"image"``, with how augmentation moves them
+    dense_keys: Mapping[str, DenseKey] = {}
 
     def __init__(self, cfg: Optional[Mapping[str, Any]] = None) -> None:
         #: the resolved run config (see densefuse.config); loss weights etc. are read from it.
@@ -53,6 +75,17 @@ class Task(ABC):
         from .model import build_model
 
         return build_model(cfg)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
+        """Call the model on a batch: the one place a model is called (training, evaluation,
+        calibration, prediction). Tasks whose model takes more than the image override it."""
+        return model(batch["image"])
+
+    def is_better(self, value: float, best: Optional[float]) -> bool:
+        """Whether ``value`` of the primary metric beats ``best`` in this task's direction."""
+        if best is None:
+            return True
+        return value > best if self.metric_direction == "max" else value < best
 
     @abstractmethod
     def build_transform(self, cfg: Mapping[str, Any], train: bool) -> Callable[[dict], dict]:

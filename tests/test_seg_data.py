@@ -19,8 +19,8 @@ from densefuse.data import (
     scale_crop,
 )
 from densefuse.errors import ConfigError, DataError
-from tasks.seg import ADE20K, Cityscapes, PascalVOC, SegTask, SyntheticSeg, reduce_zero_label
-from tasks.seg.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES, VOC_PALETTE
+from densefuse_tasks.seg import ADE20K, Cityscapes, PascalVOC, SegTask, SyntheticSeg, reduce_zero_label
+from densefuse_tasks.seg.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES, VOC_PALETTE
 
 # --------------------------------------------------------------------------------------------------
 # helpers writing tiny datasets in the official layouts

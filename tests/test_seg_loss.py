@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.seg import SegTask
-from tasks.seg.loss import seg_cross_entropy
+from densefuse_tasks.seg import SegTask
+from densefuse_tasks.seg.loss import seg_cross_entropy
 
 
 def _data():

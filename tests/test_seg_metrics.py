@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.seg import SegTask
-from tasks.seg.metrics import SegMetrics
+from densefuse_tasks.seg import SegTask
+from densefuse_tasks.seg.metrics import SegMetrics
 
 
 def naive_metrics(preds, targets, num_classes, ignore=255):

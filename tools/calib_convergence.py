@@ -11,7 +11,7 @@ for every fusion site and branch of the default model (UPerNet on ResNet-18; ran
 ``--checkpoint`` gives trained weights; train-mode BN as in calibration). ``--trials`` repeats the measurement over different random orders of the same
 image pool (so different first-N subsets); the table reports the worst trial.
 
-Images: the built-in synthetic segmentation scenes (``tasks.seg.datasets.SyntheticSeg``, normalized
+Images: the built-in synthetic segmentation scenes (``densefuse_tasks.seg.datasets.SyntheticSeg``, normalized
 with ``data.mean``/``data.std``) when the ``tasks`` package is importable, else structured random
 images (``--source random``).
 
@@ -51,7 +51,7 @@ def build_cfg(config: Optional[str]) -> tuple[dict, str]:
 def synthetic_images(cfg: dict, n: int, seed: int) -> Optional[Tensor]:
     """``n`` normalized synthetic scenes (N,3,H,W), or None when the seg task is not importable."""
     try:
-        from tasks.seg.datasets import SyntheticSeg
+        from densefuse_densefuse_tasks.seg.datasets import SyntheticSeg
     except ImportError:
         return None
     size = cfg["data"]["crop_size"]
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     bsz = args.batch_size or int(cfg["calibration"]["batch_size"])
     images = None if args.source == "random" else synthetic_images(cfg, pool, args.seed)
     if images is None and args.source == "synthetic":
-        raise SystemExit("error: tasks.seg.datasets.SyntheticSeg is not importable")
+        raise SystemExit("error: densefuse_tasks.seg.datasets.SyntheticSeg is not importable")
     source = "synthetic scenes (tasks.seg SyntheticSeg)" if images is not None else "structured random images"
     if images is None:
         images = random_images(cfg, pool, args.seed)

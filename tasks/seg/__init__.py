@@ -93,7 +93,7 @@ class SegTask(Task):
 
     def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """``loss_ce + loss_weight * loss_aux`` (weight from ``model.auxiliary_head.loss_weight``, 0.4);
-        CE averaged over all pixels as mmseg does (see :mod:`tasks.seg.loss`)."""
+        CE averaged over all pixels as mmseg does (see :mod:`densefuse_tasks.seg.loss`)."""
         return self._loss(outputs, batch)
 
     def metric(self, cfg: Mapping[str, Any]) -> SegMetrics:
