@@ -258,13 +258,25 @@ def load_config(path: Optional[PathLike] = None, overrides: Iterable[str] = (), 
     return cfg
 
 
+def defaults_for(task: str) -> dict:
+    """:data:`DEFAULTS` plus the task's own section ``{task: task.config_section}`` (when it has one)."""
+    from .tasks import task_class
+
+    defaults = copy.deepcopy(DEFAULTS)
+    section = task_class(task).config_section
+    if section:
+        defaults[task] = copy.deepcopy(dict(section))
+    return defaults
+
+
 def from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
     """Validate a plain config dict (e.g. one embedded in a checkpoint), fill defaults, apply overrides."""
-    _check(data, DEFAULTS, source=source)
-    cfg = merge(DEFAULTS, data)
+    defaults = defaults_for(str(data.get("task", DEFAULTS["task"])))
+    _check(data, defaults, source=source)
+    cfg = merge(defaults, data)
     for k, v in parse_overrides(overrides):
         _set(cfg, k, v)
-    _check(cfg, DEFAULTS, source="--set")
+    _check(cfg, defaults, source="--set")
     return _wrap(cfg)
 
 

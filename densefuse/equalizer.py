@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -337,12 +337,17 @@ def _observing(model: nn.Module) -> Iterator[list[tuple[str, ScaleEqualizer]]]:
             m.training = training
 
 
-def _run(model: nn.Module, batches: Iterable[Any], num_images: Optional[int]) -> int:
+def _run(model: nn.Module, batches: Iterable[Any], num_images: Optional[int],
+         forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> int:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     seen = 0
     for batch in batches:
-        x = _images(batch).to(device, non_blocking=True)
-        model(x)
+        if forward is None:
+            x = _images(batch).to(device, non_blocking=True)
+            model(x)
+        else:  # the task's forward: the model may take more than the image (depth: RGB + ground embedding)
+            x = _images(batch)
+            forward(model, batch)
         seen += x.shape[0]
         if num_images is not None and seen >= num_images:
             break
@@ -378,18 +383,20 @@ def _rows(eqs: list[tuple[str, ScaleEqualizer]], measured: list[tuple[Tensor, Te
     return pd.DataFrame(rows)
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None) -> pd.DataFrame:
+def calibrate(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None,
+              forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> pd.DataFrame:
     """Measure and freeze the per-branch mean/std of every fusion site in one pass.
 
     BatchNorm runs in train mode (batch statistics, as in training) under ``no_grad``; BN running
     stats and every module's train/eval mode are restored afterwards. ``batches`` yields image
     tensors, dicts with an ``"image"`` key, or tuples whose first item is the images.
-    ``num_images=None`` uses every batch (Algorithm 1 uses the whole training set).
+    ``num_images=None`` uses every batch (Algorithm 1 uses the whole training set). ``forward(model,
+    batch)`` calls the model on a batch (e.g. ``task.forward``); by default the model gets the images.
 
     Returns one row per (site, branch): upsample ratio, mean, std, variance before and after.
     """
     with _observing(model) as eqs:
-        _run(model, batches, num_images)
+        _run(model, batches, num_images, forward)
     measured = [eq.measured() for _, eq in eqs]  # one all-reduce per site under torch.distributed
     for (name, eq), stats in zip(eqs, measured):
         dead = eq.finish_calibration(stats)
@@ -401,11 +408,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_images: Optional[int
     return _rows(eqs, measured)
 
 
-def measure(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None) -> pd.DataFrame:
+def measure(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None,
+            forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> pd.DataFrame:
     """Like :func:`calibrate` but changes nothing: the std of every concat subject before and after
     equalization with the current (frozen) stats. ``after == before`` for mode ``off``."""
     with _observing(model) as eqs:
-        _run(model, batches, num_images)
+        _run(model, batches, num_images, forward)
     return _rows(eqs, [eq.measured() for _, eq in eqs])
 
 

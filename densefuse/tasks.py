@@ -7,8 +7,8 @@ A third task is a new package with an entry point; nothing in ``densefuse/`` cha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from importlib.metadata import entry_points
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
@@ -62,6 +62,8 @@ class Task(ABC):
     metric_direction: str = "max"
     #: the dense keys of this task's batches besides ``"image"``, with how augmentation moves them
     dense_keys: Mapping[str, DenseKey] = {}
+    #: defaults of the task's own config section ``cfg[<task name>]`` (checked like the core's keys)
+    config_section: Mapping[str, Any] = {}
 
     def __init__(self, cfg: Optional[Mapping[str, Any]] = None) -> None:
         #: the resolved run config (see densefuse.config); loss weights etc. are read from it.
@@ -80,6 +82,10 @@ class Task(ABC):
         """Call the model on a batch: the one place a model is called (training, evaluation,
         calibration, prediction). Tasks whose model takes more than the image override it."""
         return model(batch["image"])
+
+    def validate_config(self, cfg: Mapping[str, Any]) -> None:
+        """Check values the key/type check cannot (ranges, combinations); raise :class:`ConfigError`."""
+        return None
 
     def is_better(self, value: float, best: Optional[float]) -> bool:
         """Whether ``value`` of the primary metric beats ``best`` in this task's direction."""
@@ -133,6 +139,11 @@ def available_tasks() -> list[str]:
 
 def get_task(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Task:
     """Instantiate the task called ``name``; an unknown name is a :class:`ConfigError`."""
+    return task_class(name)(cfg)
+
+
+def task_class(name: str) -> type[Task]:
+    """The class of the task called ``name`` (not instantiated); an unknown name is a :class:`ConfigError`."""
     if name not in _REGISTRY:
         eps = _entry_points()
         if name not in eps:
@@ -143,7 +154,7 @@ def get_task(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Task:
         cls = eps[name].load()
         _REGISTRY[name] = cls
         cls.name = name
-    return _REGISTRY[name](cfg)
+    return _REGISTRY[name]
 
 
 def unwrap_outputs(outputs: Any) -> dict[str, Tensor]:

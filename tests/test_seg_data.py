@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from densefuse_tasks.seg import ADE20K, Cityscapes, PascalVOC, SegTask, SyntheticSeg, reduce_zero_label
+from densefuse_tasks.seg.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES, VOC_PALETTE
 from PIL import Image
 
 from densefuse.config import DEFAULTS, merge
@@ -19,8 +21,6 @@ from densefuse.data import (
     scale_crop,
 )
 from densefuse.errors import ConfigError, DataError
-from densefuse_tasks.seg import ADE20K, Cityscapes, PascalVOC, SegTask, SyntheticSeg, reduce_zero_label
-from densefuse_tasks.seg.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES, VOC_PALETTE
 
 # --------------------------------------------------------------------------------------------------
 # helpers writing tiny datasets in the official layouts

@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from densefuse_tasks.seg import SegTask
 from densefuse_tasks.seg.loss import seg_cross_entropy
 

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from densefuse_tasks.seg import SegTask
 from densefuse_tasks.seg.metrics import SegMetrics
 
