@@ -156,10 +156,11 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
                   out: Optional[str]) -> None:
     """Measure the per-branch mean/std at every fusion site and print the calibration table."""
     from .equalizer import calibrate
+    from .tasks import get_task
 
     cfg = _load(config, overrides, task)
     model, batches, n = _model_and_data(cfg, num_images)
-    table = calibrate(model, batches(cfg["seed"]), num_images=n)
+    table = calibrate(model, batches(cfg["seed"]), num_images=n, forward=get_task(cfg["task"], cfg).forward)
     click.echo(table.to_markdown(index=False, floatfmt=".4f"))
     path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
     _refuse_overwrite(str(path))
@@ -182,18 +183,21 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     from .engine.checkpoint import load_checkpoint, load_model_state
     from .equalizer import calibrate, equalizers, measure
     from .report import plot_inspection
+    from .tasks import get_task
 
     cfg = _load(config, overrides, task)
+    task_obj = get_task(cfg["task"], cfg)
     model, batches, n = _model_and_data(cfg, num_images)
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint), checkpoint)
     eqs = [eq for _, eq in equalizers(model)]
     if not all(eq._is_calibrated for eq in eqs):
-        calibrate(model, batches(cfg["seed"]), num_images=n)
+        calibrate(model, batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
     for eq in eqs:  # show what equalization does even for a baseline (mode off) config
         if eq.mode == "off":
             eq.set_mode("explicit")
-    table = measure(model, batches(cfg["seed"] + 1), num_images=n)  # other images than the calibration's
+    # other images than the calibration's
+    table = measure(model, batches(cfg["seed"] + 1), num_images=n, forward=task_obj.forward)
     cols = ["site", "branch", "channels", "ratio_h", "std", "std_after", "mean", "mean_after"]
     click.echo(table[cols].to_markdown(index=False, floatfmt=".3f"))
     for site, g in table.groupby("site", sort=False):
@@ -256,7 +260,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
     with torch.no_grad():
         for path, (pred_path, vis_path) in zip(paths, targets):
             batch = transform(to_device({"image": read_image(path)[None]}, device))
-            pred = task.predict(model(batch["image"]))
+            pred = task.predict(task.forward(model, batch))
             vis = task.visualize(batch, pred)[0].permute(1, 2, 0).cpu().numpy()
             Image.fromarray(vis).save(vis_path)
             p = pred[0].squeeze(0).cpu()

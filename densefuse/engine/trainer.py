@@ -79,7 +79,7 @@ def evaluate(
     metric.reset()
     for batch in loader:
         batch = transform(to_device(batch, device))
-        metric.update(model(batch["image"]), batch)
+        metric.update(task.forward(model, batch), batch)
     model.train(was_training)
     return metric.compute()
 
@@ -131,7 +131,8 @@ class Trainer:
             return None
         n = self.cfg["calibration"]["num_images"] or len(dataset)
         t0 = time.time()
-        table = calibrate(model, calibration_batches(self.task, self.cfg, dataset, self.device), num_images=n)
+        table = calibrate(model, calibration_batches(self.task, self.cfg, dataset, self.device), num_images=n,
+                          forward=self.task.forward)
         table.to_csv(self.work_dir / "calibration.csv", index=False)
         self.log(f"calibrated {len(eqs)} fusion sites on {n} images in {time.time() - t0:.1f}s -> calibration.csv")
         if any(eq.mode == "fold" for _, eq in eqs):
@@ -175,7 +176,7 @@ class Trainer:
         for it in range(start, tc["iters"]):
             batch = train_tf(to_device(next(batches), dev))
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                outputs = model(batch["image"])
+                outputs = task.forward(model, batch)
                 loss, parts = task.loss(outputs, batch)
             loss_value = loss.detach().item()
             if not math.isfinite(loss_value):
@@ -236,7 +237,7 @@ class Trainer:
         inputs, pictures = [], []
         for batch in loader:
             batch = transform(to_device(batch, self.device))
-            shown = self.task.visualize(batch, self.task.predict(model(batch["image"]))).cpu()
+            shown = self.task.visualize(batch, self.task.predict(self.task.forward(model, batch))).cpu()
             raw = batch.get("raw_image")
             pictures += list(shown)
             inputs += list(raw.cpu() if raw is not None else torch.zeros_like(shown))
