@@ -4,7 +4,8 @@ from .config import Config, load_config
 from .equalizer import ScaleEqualizer, calibrate, equalizers, fold, measure, set_mode
 from .errors import CalibrationError, ConfigError, DataError, DensefuseError
 from .fusion import Fusion
-from .model import build_model
+from .model import EncoderDecoder, build_model
+from .registry import HEADS, MODELS, PREDICTORS, TASKS, Registry
 from .tasks import Task, get_task, register_task
 
 __version__ = "0.1.0"
@@ -15,8 +16,14 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DensefuseError",
+    "EncoderDecoder",
     "Fusion",
+    "HEADS",
+    "MODELS",
+    "PREDICTORS",
+    "Registry",
     "ScaleEqualizer",
+    "TASKS",
     "Task",
     "build_model",
     "calibrate",

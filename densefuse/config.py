@@ -1,15 +1,19 @@
 """Configs: YAML files with ``_base_`` inheritance, ``--set a.b=c`` overrides and strict keys.
 
 Every key must exist in :data:`DEFAULTS` (or, inside the open sections listed in :data:`OPEN`, be
-accepted by the builder that reads them). Unknown keys are errors with a did-you-mean hint; values
-must have the type of the default. Files are read with a safe loader using YAML 1.2 booleans (``off`` is a string).
+accepted by the builder that reads them). Unknown keys are errors with a did-you-mean hint. Values are
+checked against :data:`RULES` (type, range, choices; keys whose default is ``null`` declare their type
+there) or else must have the type of the default. All of it runs at load time, before any work starts.
+Files and ``--set`` values are read with YAML 1.2's core schema: ``off`` is a string, ``5e-4`` a float.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import yaml
 
@@ -74,17 +78,34 @@ OPEN = {
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false. ``mode: off`` stays the string 'off'."""
+    """SafeLoader with YAML 1.2 core-schema scalars: only true/false are booleans (``mode: off`` stays
+    the string 'off'), ``5e-4`` / ``1E3`` are floats, ``010`` is the int 10 and ``1:20`` a string."""
 
 
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+_YAML12 = {
+    "tag:yaml.org,2002:bool": (r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    "tag:yaml.org,2002:int": (r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    "tag:yaml.org,2002:float": (
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
 }
-for _first in "tTfF":
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list(_first)
-    )
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in _YAML12] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# ints first: a digit string that is an int must not resolve as a float
+for _tag in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    _Loader.add_implicit_resolver(_tag, re.compile(_YAML12[_tag][0]), list(_YAML12[_tag][1]))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 0) if text.startswith("0x") else int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def safe_load(text: Any) -> Any:
@@ -155,6 +176,11 @@ def _read_yaml(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:
@@ -166,7 +192,8 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
+def _load_layers(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """(everything the ``_base_`` files give, the file's own keys) for ``path``."""
     path = path.resolve()
     if path in stack:
         raise ConfigError(f"{path}: circular _base_ inheritance")
@@ -180,40 +207,261 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
         if not bp.is_file():
             raise ConfigError(f"{path}: _base_ file not found: {b}")
         merged = merge(merged, _load_file(bp, stack + (path,)))
-    return merge(merged, data)
+    return merged, data
+
+
+def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
+    base, own = _load_layers(path, stack)
+    return merge(base, own)
+
+
+# ---------------------------------------------------------------------------------------------- schema
+@dataclass(frozen=True)
+class Rule:
+    """What one config value may be: a kind, optional null, bounds, choices, a pattern, list shape."""
+
+    kind: str  # "int" | "number" | "str" | "bool" | "list" | "mapping" | "any"
+    nullable: bool = False
+    min: Optional[float] = None  # inclusive lower bound
+    gt: Optional[float] = None  # exclusive lower bound
+    lt: Optional[float] = None  # exclusive upper bound
+    choices: Optional[tuple] = None
+    pattern: Optional[str] = None
+    length: Optional[int] = None  # for lists
+    item: Optional["Rule"] = None  # rule of every list item
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.choices is not None:
+            return value in self.choices and (self.kind != "int" or isinstance(value, int))
+        if not _KIND_OK[self.kind](value):
+            return False
+        if self.kind in ("int", "number"):
+            return ((self.min is None or value >= self.min) and (self.gt is None or value > self.gt)
+                    and (self.lt is None or value < self.lt))
+        if self.pattern is not None:
+            return re.fullmatch(self.pattern, value) is not None
+        if self.kind == "list":
+            return (self.length is None or len(value) == self.length) and (
+                self.item is None or all(v is not None and self.item.ok(v) for v in value))
+        return True
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        elif self.kind == "list":
+            n = f"{self.length} " if self.length is not None else ""
+            item = self.item.describe() if self.item else "value"
+            first, _, rest = item.partition(" ")
+            text = f"a list of {n}{first}s" + (f" {rest}" if rest else "")
+        else:
+            text = {"int": "int", "number": "number", "str": "str", "bool": "bool", "mapping": "mapping",
+                    "any": "any value"}[self.kind]
+            if self.pattern is not None:
+                text = self.pattern_text or text
+            bounds = [f">= {_num(self.min)}" if self.min is not None else "",
+                      f"> {_num(self.gt)}" if self.gt is not None else "",
+                      f"< {_num(self.lt)}" if self.lt is not None else ""]
+            text = " ".join([text] + [b for b in bounds if b])
+        return text + (" or null" if self.nullable else "")
+
+    @property
+    def pattern_text(self) -> Optional[str]:
+        return _PATTERN_TEXT.get(self.pattern or "")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_KIND_OK = {
+    "int": _is_int,
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "list": lambda v: isinstance(v, (list, tuple)),
+    "mapping": lambda v: isinstance(v, Mapping),
+    "any": lambda v: True,
+}
+
+_DEVICE = r"auto|cpu|mps|cuda(?::[0-9]+)?"
+_PATTERN_TEXT = {_DEVICE: "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"}
+
+_POS_INT = Rule("int", min=1)
+_NUM = Rule("number")
+
+#: Value rules, by dotted key. Keys not listed must have the type of their default (any type when the
+#: default is null and no rule is listed). Tasks check their own section in ``Task.validate_config``.
+RULES: dict[str, Rule] = {
+    "task": Rule("str"),
+    "name": Rule("str", nullable=True),
+    "seed": Rule("int", min=0),
+    "device": Rule("str", pattern=_DEVICE),
+    "work_dir": Rule("str", nullable=True),
+    "model.type": Rule("str"),
+    "model.num_classes": _POS_INT,
+    "model.equalizer.mode": Rule("str", choices=("off", "explicit", "fold")),
+    "model.equalizer.eps": Rule("number", gt=0),
+    "model.encoder.name": Rule("str"),
+    "model.encoder.out_indices": Rule("list", item=Rule("int", min=0)),
+    "model.encoder.output_stride": Rule("int", nullable=True, choices=(8, 16, 32, None)),
+    "model.encoder.pretrained": Rule("str", nullable=True),
+    "model.auxiliary_head": Rule("mapping", nullable=True),
+    "data.root": Rule("str", nullable=True),
+    "data.crop_size": Rule("list", length=2, item=_POS_INT),
+    "data.mean": Rule("list", length=3, item=_NUM),
+    "data.std": Rule("list", length=3, item=Rule("number", gt=0)),
+    "data.num_workers": Rule("int", min=0),
+    "data.augment.scale_range": Rule("list", length=2, item=Rule("number", gt=0)),
+    "train.iters": _POS_INT,
+    "train.batch_size": _POS_INT,
+    "train.val_interval": _POS_INT,
+    "train.log_interval": _POS_INT,
+    "train.ckpt_interval": _POS_INT,
+    "train.grad_clip": Rule("number", nullable=True, gt=0),
+    "optim.lr": Rule("number", gt=0),
+    "optim.weight_decay": Rule("number", min=0),
+    "optim.momentum": Rule("number", min=0),
+    "optim.betas": Rule("list", length=2, item=Rule("number", min=0, lt=1)),
+    "schedule.power": Rule("number", min=0),
+    "schedule.min_lr": Rule("number", min=0),
+    "schedule.warmup_iters": Rule("int", min=0),
+    "schedule.warmup_ratio": Rule("number", gt=0),
+    "calibration.num_images": Rule("int", nullable=True, min=1),
+    "calibration.batch_size": Rule("int", min=2),
+    "eval.batch_size": _POS_INT,
+}
+
+
+def _rule_from_default(default: Any) -> Rule:
+    if isinstance(default, bool):
+        return Rule("bool")
+    if isinstance(default, float):
+        return Rule("number")
+    if isinstance(default, int):
+        return Rule("int")
+    if isinstance(default, str):
+        return Rule("str")
+    if isinstance(default, (list, tuple)):
+        return Rule("list")
+    if isinstance(default, Mapping):
+        return Rule("mapping")
+    return Rule("any", nullable=True)
 
 
 def _type_name(v: Any) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}.get(type(v), type(v).__name__)
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping",
+            type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: str = "") -> None:
-    where = f"{source}: " if source else ""
+def _fail(path: str, rule: Rule, value: Any, where: str, extra: str = "") -> ConfigError:
+    return ConfigError(f"{where}'{path}' must be {rule.describe()}{extra}, got {_type_name(value)} {value!r}")
+
+
+def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str, Callable[[str], str]] = "") -> None:
+    """Unknown keys (with a hint) and every value against its :class:`Rule`. ``source`` names where a
+    value came from (a file, ``--set``), or maps a dotted key to that name."""
     for key, value in cfg.items():
         path = f"{prefix}{key}"
+        src = source(path) if callable(source) else source
+        where = f"{src}: " if src else ""
         if key not in defaults:
             raise ConfigError(f"{where}unknown config key '{path}'{did_you_mean(key, defaults, prefix)}")
         default = defaults[key]
-        if path in OPEN or default is None or value is None:
+        rule = RULES.get(path) or _rule_from_default(default)
+        if not rule.ok(value):
+            raise _fail(path, rule, value, where)
+        if path in OPEN or value is None:
             continue
         if isinstance(default, Mapping):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}'{path}' must be a mapping, got {_type_name(value)}")
             _check(value, default, path + ".", source)
-        elif not _type_ok(value, default):
-            raise ConfigError(f"{where}'{path}' must be {_type_name(default)}, got {_type_name(value)} {value!r}")
 
 
-def _type_ok(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
+# ------------------------------------------------------------------------------------------ heads
+HEAD_SECTIONS = ("model.decode_head", "model.auxiliary_head")
+
+
+def _get(cfg: Mapping, dotted: str) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, Mapping) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the kind of a head argument's default (no default: anything fits)."""
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return True
+    return _rule_from_default(default).ok(value) or (isinstance(default, float) and _KIND_OK["number"](value))
+
+
+def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Callable[[str], str]) -> None:
+    """Validate the head sections against the head they name, before any model is built.
+
+    When the head type differs from the one the ``_base_`` files give (a switch by the top file or
+    ``--set``), inherited keys the new head does not take (unknown, or of the wrong kind, e.g. UPerHead's
+    ``in_index`` list for PSPHead) are dropped: the new head's defaults apply. Keys the user wrote (in
+    the top file or ``--set``) are never dropped: a wrong one is an error saying what to change.
+    """
+    if cfg["model"]["type"] != "encoder_decoder":
+        return
+    from .model import head_arguments  # the model module imports this one
+
+    for section in HEAD_SECTIONS:
+        spec = _get(cfg, section)
+        if not spec:
+            continue
+        base = _get(inherited, section) or {}
+        switched = base.get("type") is not None and spec.get("type") != base.get("type")
+        try:
+            accepted = head_arguments(section, spec)
+        except ConfigError as e:
+            raise ConfigError(f"{source(section + '.type')}: {e}") from None
+        choices = _head_choices(section, spec)
+        kind = f"{section}.type '{spec.get('type')}'"
+        for key in list(spec):
+            path = f"{section}.{key}"
+            ok = key in accepted and _fits(spec[key], accepted[key])
+            if ok and key in choices and spec[key] not in choices[key]:
+                raise ConfigError(f"{source(path)}: '{path}' must be one of {', '.join(choices[key])}, "
+                                  f"got {spec[key]!r}{did_you_mean(str(spec[key]), choices[key])}")
+            if ok:
+                continue
+            if switched and path not in written and key in base:
+                del spec[key]
+                continue
+            where = f"{source(path)}: "
+            if key not in accepted:
+                hint = did_you_mean(key, accepted, section + ".")
+                names = ", ".join(k for k in accepted if k != "type")
+                raise ConfigError(f"{where}unknown config key '{path}' for {kind}{hint}; remove it "
+                                  f"(that head takes: {names})")
+            want = _rule_from_default(accepted[key]).describe()
+            raise ConfigError(f"{where}'{path}' must be {want} for {kind}, got {_type_name(spec[key])} "
+                              f"{spec[key]!r}; remove it to use the default {_plain(accepted[key])!r}")
+
+
+def _head_choices(section: str, spec: Mapping[str, Any]) -> dict[str, tuple]:
+    """Allowed values a head declares for some of its arguments (``arg_choices``)."""
+    from .registry import HEADS
+
+    return dict(getattr(HEADS.get(spec.get("type"), key=f"{section}.type"), "arg_choices", {}))
+
+
+def _written_keys(data: Mapping, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in data.items():
+        out.add(prefix + k)
+        if isinstance(v, Mapping):
+            out |= _written_keys(v, prefix + k + ".")
+    return out
 
 
 def _set(cfg: dict, dotted: str, raw: str) -> None:
@@ -221,7 +469,8 @@ def _set(cfg: dict, dotted: str, raw: str) -> None:
     node: Any = cfg
     for i, k in enumerate(keys):
         path = ".".join(keys[: i + 1])
-        if not isinstance(node, dict) or k not in node:
+        open_section = ".".join(keys[:i]) in OPEN
+        if not isinstance(node, dict) or (k not in node and not (open_section and i == len(keys) - 1)):
             choices = node.keys() if isinstance(node, dict) else []
             parent = ".".join(keys[:i])
             raise ConfigError(f"--set {dotted}: no config key '{path}'{did_you_mean(k, choices, parent + '.' if parent else '')}")
@@ -246,13 +495,14 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, str]]:
 
 def load_config(path: Optional[PathLike] = None, overrides: Iterable[str] = (), task_default: Optional[str] = None) -> Config:
     """Load a YAML config (with ``_base_`` inheritance) on top of :data:`DEFAULTS`, apply
-    ``key=value`` overrides and validate every key and type."""
+    ``key=value`` overrides and validate every key, type and value."""
     if path is None:
         if task_default is None:
             raise ConfigError("no config given")
         path = task_default
     file = find_config(path)
-    cfg = from_dict(_load_file(file), overrides, source=str(file))
+    base, own = _load_layers(file)
+    cfg = from_dict(merge(base, own), overrides, source=str(file), inherited=base, written=_written_keys(own))
     if cfg.get("name") is None:
         cfg["name"] = file.stem
     return cfg
@@ -269,15 +519,49 @@ def defaults_for(task: str) -> dict:
     return defaults
 
 
-def from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
-    """Validate a plain config dict (e.g. one embedded in a checkpoint), fill defaults, apply overrides."""
-    defaults = defaults_for(str(data.get("task", DEFAULTS["task"])))
+def from_dict(
+    data: Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    source: str = "config",
+    inherited: Optional[Mapping[str, Any]] = None,
+    written: Optional[set[str]] = None,
+) -> Config:
+    """Validate a plain config dict (e.g. one embedded in a checkpoint), fill defaults, apply overrides.
+
+    ``inherited`` (what ``_base_`` files gave) and ``written`` (dotted keys the top file wrote) let a
+    head switched by the top file or ``--set`` drop the old head's inherited keys; without them every
+    key counts as written by the user.
+    """
+    task = data.get("task", DEFAULTS["task"])
+    if not isinstance(task, str):
+        raise _fail("task", RULES["task"], task, f"{source}: ")
+    defaults = defaults_for(task)
     _check(data, defaults, source=source)
     cfg = merge(defaults, data)
-    for k, v in parse_overrides(overrides):
+    pairs = parse_overrides(overrides)
+    for k, v in pairs:
         _set(cfg, k, v)
-    _check(cfg, defaults, source="--set")
-    return _wrap(cfg)
+    set_keys = {k for k, _ in pairs}
+
+    def origin(path: str) -> str:
+        for k, v in reversed(pairs):
+            if path == k or path.startswith(k + ".") or k.startswith(path + "."):
+                return f"--set {k}={v}"
+        return source
+
+    _check(cfg, defaults, source=origin)
+    written_all = (set(written) if written is not None else _written_keys(data)) | set_keys
+    _check_heads(cfg, inherited if inherited is not None else {}, written_all, origin)
+    out = _wrap(cfg)
+    task_class_ = _task_class(task)
+    task_class_(out).validate_config(out)
+    return out
+
+
+def _task_class(name: str) -> Any:
+    from .tasks import task_class
+
+    return task_class(name)
 
 
 def check_kwargs(section: str, kwargs: Mapping[str, Any], accepted: Iterable[str]) -> None:

@@ -1,29 +1,71 @@
-"""Small shared blocks (mmcv ConvModule semantics: conv without bias when a norm follows)."""
+"""Small shared blocks (mmcv ConvModule semantics: conv without bias when a norm follows).
+
+Norms and activations are chosen by name or given as a callable (the shape of timm's ``create_act``),
+so one block covers Conv-BN-ReLU, Conv-GN-GELU and a norm-free Conv-LeakyReLU.
+"""
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Callable, Optional, Sequence, Union
 
-from torch import nn
+from torch import Tensor, nn
+
+NormSpec = Union[str, None, Callable[[int], nn.Module]]
+ActSpec = Union[str, None, Callable[..., nn.Module]]
+
+#: names accepted by :func:`make_norm`
+NORMS = ("bn", "syncbn", "gn", "ln")
+#: names accepted by :func:`make_act`
+ACTS = ("relu", "leaky_relu", "gelu")
 
 
-def make_norm(kind: Optional[str], channels: int) -> nn.Module:
-    """``"bn"`` (BatchNorm2d; converted to SyncBatchNorm under DDP), ``"gn"`` (32 groups), ``"ln"``
-    (GroupNorm with one group = LayerNorm over C,H,W) or ``None``."""
+def make_norm(kind: NormSpec, channels: int) -> nn.Module:
+    """A norm layer over ``channels``.
+
+    ``"bn"`` (BatchNorm2d; converted to SyncBatchNorm under DDP), ``"syncbn"``, ``"gn"`` (32 groups, or
+    the largest group count up to 32 that divides ``channels``), ``"ln"`` (GroupNorm with one group =
+    LayerNorm over C,H,W), ``None`` (identity) or a callable ``channels -> module``.
+    """
     if kind is None:
         return nn.Identity()
+    if callable(kind):
+        return kind(channels)
     if kind == "bn":
         return nn.BatchNorm2d(channels)
+    if kind == "syncbn":
+        return nn.SyncBatchNorm(channels)
     if kind == "gn":
-        return nn.GroupNorm(min(32, channels), channels)
+        groups = min(32, channels)
+        if channels % groups:
+            groups = math.gcd(channels, 32)
+        return nn.GroupNorm(groups, channels)
     if kind == "ln":
         return nn.GroupNorm(1, channels)
-    raise ValueError(f"unknown norm '{kind}' (use bn, gn, ln or None)")
+    raise ValueError(f"unknown norm '{kind}' (use {', '.join(NORMS)}, None or a callable)")
 
 
-class ConvBNReLU(nn.Sequential):
-    """Conv2d -> norm -> ReLU, Kaiming-normal (fan_out) init like mmcv's ConvModule.
+def make_act(kind: ActSpec, **kwargs: Any) -> nn.Module:
+    """An activation: ``"relu"`` / ``"leaky_relu"`` (in place unless ``inplace=False``), ``"gelu"``,
+    ``None`` (identity) or a callable returning a module (called with ``kwargs``)."""
+    if kind is None:
+        return nn.Identity()
+    if callable(kind):
+        return kind(**kwargs)
+    if kind == "relu":
+        return nn.ReLU(**{"inplace": True, **kwargs})
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(**{"inplace": True, **kwargs})
+    if kind == "gelu":
+        return nn.GELU(**kwargs)
+    raise ValueError(f"unknown activation '{kind}' (use {', '.join(ACTS)}, None or a callable)")
 
-    Submodules are named ``conv``, ``bn``, ``act`` so name-based weight-decay rules match mmseg's.
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d -> norm -> activation with mmcv ConvModule's init (Kaiming-normal, fan_out).
+
+    Submodules are always named ``conv``, ``bn``, ``act`` (``bn`` and ``act`` may be Identity) so that
+    name-based weight-decay rules and checkpoint keys do not depend on the choice of norm.
+    ``bias="auto"`` gives the conv a bias only when there is no norm after it.
     """
 
     def __init__(
@@ -34,38 +76,74 @@ class ConvBNReLU(nn.Sequential):
         stride: int = 1,
         dilation: int = 1,
         groups: int = 1,
-        norm: Optional[str] = "bn",
-        act: bool = True,
+        bias: Union[bool, str] = "auto",
+        norm: NormSpec = "bn",
+        act: ActSpec = "relu",
+        act_kwargs: Optional[dict] = None,
     ) -> None:
         padding = dilation * (kernel_size - 1) // 2
+        if bias == "auto":
+            bias = norm is None
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=norm is None
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bool(bias))
         self.bn = make_norm(norm, out_channels)
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        act_kwargs = dict(act_kwargs or {})
+        self.act = make_act(act, **act_kwargs)
+        if act == "leaky_relu":
+            slope = act_kwargs.get("negative_slope", 0.01)
+            nn.init.kaiming_normal_(self.conv.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu")
+        else:
+            nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)
 
 
-class DepthwiseSeparableConv(nn.Sequential):
-    """Depthwise k x k ConvBNReLU then pointwise 1x1 ConvBNReLU (mmcv DepthwiseSeparableConvModule)."""
+class ConvBNReLU(ConvNormAct):
+    """``ConvNormAct`` with the older ``act: bool`` argument (Conv-norm-ReLU, or no activation)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1, norm: Optional[str] = "bn"
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: NormSpec = "bn",
+        act: bool = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, dilation, groups,
+                         norm=norm, act="relu" if act else None)
+
+
+class DepthwiseSeparableConv(nn.Sequential):
+    """Depthwise k x k ConvNormAct then pointwise 1x1 ConvNormAct (mmcv DepthwiseSeparableConvModule)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        norm: NormSpec = "bn",
+        act: ActSpec = "relu",
     ) -> None:
         super().__init__()
-        self.depthwise = ConvBNReLU(in_channels, in_channels, kernel_size, dilation=dilation, groups=in_channels, norm=norm)
-        self.pointwise = ConvBNReLU(in_channels, out_channels, 1, norm=norm)
+        self.depthwise = ConvNormAct(in_channels, in_channels, kernel_size, dilation=dilation, groups=in_channels,
+                                     norm=norm, act=act)
+        self.pointwise = ConvNormAct(in_channels, out_channels, 1, norm=norm, act=act)
 
 
-class ClsSeg(nn.Sequential):
-    """Dropout2d (channel dropout) + 1x1 classifier, init Normal(0, 0.01) like mmseg's ``cls_seg``."""
+class PPM(nn.ModuleList):
+    """Pyramid pooling branches: AdaptiveAvgPool2d(s) -> 1x1 ConvNormAct, one per pool scale.
 
-    def __init__(self, channels: int, num_classes: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+    ``norm=None`` gives Conv(bias)-ReLU branches, for pipelines that normalize after the upsample.
+    """
+
+    def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, norm: NormSpec = "bn") -> None:
+        super().__init__(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_channels, channels, 1, norm=norm)) for s in pool_scales
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        return [branch(x) for branch in self]

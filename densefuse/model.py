@@ -1,97 +1,144 @@
-"""Encoder + decode head (+ auxiliary head) as one module, built from a config."""
+"""Models built from a config: ``model.type`` names a builder in :data:`densefuse.registry.MODELS`.
+
+``encoder_decoder`` is a timm encoder, a decoder (``model.decode_head``), a predictor and optionally
+an auxiliary decoder + predictor (``model.auxiliary_head``). ``smp`` (a segmentation_models_pytorch
+model with equalizers attached) is registered lazily so that importing densefuse does not import smp.
+"""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import heads as _heads  # noqa: F401  (registers the built-in decoders and predictors)
 from .config import check_kwargs
 from .encoders import TimmEncoder
-from .errors import ConfigError, did_you_mean
-from .heads import HEADS
+from .registry import HEADS, MODELS, PREDICTORS, arguments
+
+#: decoder arguments filled from ``model.*`` and the encoder, never written in a head section
+DECODER_INJECTED = ("in_channels", "align_corners", "eq_mode", "eq_eps")
+#: predictor arguments filled by the builder
+PREDICTOR_INJECTED = ("in_channels", "num_classes")
+#: the predictor used when a head section names none
+DEFAULT_PREDICTOR = "cls_seg"
+#: keys a head section may hold besides its decoder's and predictor's arguments (read elsewhere)
+SECTION_EXTRAS: dict[str, dict[str, Any]] = {
+    "model.decode_head": {},
+    "model.auxiliary_head": {"loss_weight": 0.4},  # read by the task's loss
+}
 
 
 class EncoderDecoder(nn.Module):
-    """``encoder -> decode_head`` (and ``auxiliary_head`` in training).
+    """``encoder -> decoder -> predictor`` (and ``auxiliary_head -> aux_predictor`` in training).
 
-    ``forward(x)`` returns ``{"out": logits}`` resized (bilinear) to the input size, plus ``"aux"``
-    in train mode when there is an auxiliary head. The task's loss weights ``"aux"`` by
-    ``model.auxiliary_head.loss_weight`` from the config.
+    ``forward(x)`` returns ``{"out": prediction}`` resized (bilinear) to the input size, plus ``"aux"``
+    in train mode when there is an auxiliary head. The decoder is stored as ``decode_head`` (the name of
+    its config section), so fusion sites are ``decode_head.<fusion>`` as before.
     """
 
     def __init__(
         self,
         encoder: nn.Module,
-        decode_head: nn.Module,
-        auxiliary_head: Optional[nn.Module] = None,
+        decoder: nn.Module,
+        predictor: nn.Module,
+        aux: Optional[nn.Module] = None,
+        aux_predictor: Optional[nn.Module] = None,
         align_corners: bool = False,
     ) -> None:
         super().__init__()
+        if (aux is None) != (aux_predictor is None):
+            raise ValueError("an auxiliary decoder needs an auxiliary predictor (and vice versa)")
         self.encoder = encoder
-        self.decode_head = decode_head
-        self.auxiliary_head = auxiliary_head
+        self.decode_head = decoder
+        self.predictor = predictor
+        self.auxiliary_head = aux
+        self.aux_predictor = aux_predictor
         self.align_corners = align_corners
+
+    def features(self, x: Tensor) -> Tensor:
+        """The decoder's fused feature map for images ``x``."""
+        return self.decode_head(self.encoder(x))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         feats = self.encoder(x)
         size = x.shape[-2:]
-        out = {"out": self._up(self.decode_head(feats), size)}
+        out = {"out": self._up(self.predictor(self.decode_head(feats)), size)}
         if self.training and self.auxiliary_head is not None:
-            out["aux"] = self._up(self.auxiliary_head(feats), size)
+            out["aux"] = self._up(self.aux_predictor(self.auxiliary_head(feats)), size)
         return out
 
     def _up(self, y: Tensor, size: Any) -> Tensor:
         return F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
-def _build_head(spec: Mapping[str, Any], section: str, in_channels: list[int], num_classes: int, common: dict) -> nn.Module:
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind not in HEADS:
-        raise ConfigError(f"unknown head type '{section}.type: {kind}'{did_you_mean(str(kind), HEADS)}; "
-                          f"available: {', '.join(sorted(HEADS))}")
-    cls = HEADS[kind]
-    accepted = _accepted_kwargs(cls) - {"in_channels", "num_classes", "align_corners", "eq_mode", "eq_eps"}
-    check_kwargs(section, spec, accepted)
-    return cls(in_channels=in_channels, num_classes=num_classes, **common, **spec)
+def head_arguments(section: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Every key the head section ``spec`` accepts, with its default (``inspect.Parameter.empty`` if
+    required): ``type``, ``predictor``, the decoder's and the predictor's own arguments and the section's
+    extras. An unknown ``type`` or ``predictor`` is a ConfigError naming the key."""
+    decoder = HEADS.get(spec.get("type"), key=f"{section}.type")
+    predictor = PREDICTORS.get(spec.get("predictor", DEFAULT_PREDICTOR), key=f"{section}.predictor")
+    out: dict[str, Any] = {"type": spec.get("type"), "predictor": DEFAULT_PREDICTOR}
+    out.update(SECTION_EXTRAS.get(section, {}))
+    for name, default in arguments(predictor).items():
+        if name not in PREDICTOR_INJECTED:
+            out[name] = default
+    for name, default in arguments(decoder).items():
+        if name not in DECODER_INJECTED:
+            out[name] = default
+    return out
 
 
-def _accepted_kwargs(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass is nn.Module:
-            break
-        if "__init__" in vars(klass):
-            names |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")}
-    return names
+def build_head(
+    spec: Mapping[str, Any], section: str, in_channels: list[int], num_classes: int, common: Mapping[str, Any]
+) -> tuple[nn.Module, nn.Module]:
+    """(decoder, predictor) for one head section.
 
-
-def build_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """Build the model described by ``cfg.model``.
-
-    ``model.type: encoder_decoder`` (timm encoder + densefuse heads) or ``smp`` (a
-    segmentation_models_pytorch model with equalizers attached by :func:`densefuse.smp.equalize`).
+    The predictor is built first: mmseg creates ``conv_seg`` before the decoder's layers, so the same
+    seed gives the same initial weights as mmseg (and as earlier densefuse versions).
     """
+    spec = {k: v for k, v in spec.items() if k not in SECTION_EXTRAS.get(section, {})}
+    check_kwargs(section, spec, head_arguments(section, spec))
+    decoder_cls = HEADS.get(spec.pop("type"), key=f"{section}.type")
+    predictor_cls = PREDICTORS.get(spec.pop("predictor", DEFAULT_PREDICTOR), key=f"{section}.predictor")
+    p_args = arguments(predictor_cls)
+    p_kwargs = {k: spec.pop(k) for k in list(spec) if k in p_args and k not in PREDICTOR_INJECTED}
+    if "num_classes" in p_args:
+        p_kwargs["num_classes"] = num_classes
+    channels = spec.get("channels", arguments(decoder_cls).get("channels"))
+    predictor = None
+    if isinstance(channels, int):
+        predictor = predictor_cls(in_channels=channels, **p_kwargs)
+    decoder = decoder_cls(in_channels=in_channels, **common, **spec)
+    if predictor is None:
+        predictor = predictor_cls(in_channels=decoder.out_channels, **p_kwargs)
+    elif getattr(decoder, "out_channels", channels) != channels:
+        raise ValueError(f"{type(decoder).__name__} returns {decoder.out_channels} channels, not {channels}")
+    return decoder, predictor
+
+
+@MODELS.register("encoder_decoder")
+def build_encoder_decoder(cfg: Mapping[str, Any]) -> EncoderDecoder:
+    """timm encoder + decoder + predictor (+ auxiliary decoder + predictor) from ``cfg.model``."""
     m = cfg["model"]
     eq = m.get("equalizer") or {}
-    if m["type"] == "smp":
-        from .smp import build_smp_model
-
-        return build_smp_model(cfg)
-    if m["type"] != "encoder_decoder":
-        raise ConfigError(f"unknown model.type '{m['type']}' (use encoder_decoder or smp)")
     enc = dict(m["encoder"])
     kwargs = dict(enc.pop("kwargs", None) or {})
     check_kwargs("model.encoder", enc, ["name", "out_indices", "output_stride", "pretrained"])
     encoder = TimmEncoder(enc["name"], enc.get("out_indices", (1, 2, 3, 4)), enc.get("output_stride"),
                           enc.get("pretrained"), **kwargs)
     common = {"align_corners": m["align_corners"], "eq_mode": eq.get("mode", "explicit"), "eq_eps": eq.get("eps", 1e-5)}
-    decode_head = _build_head(m["decode_head"], "model.decode_head", encoder.channels, m["num_classes"], common)
-    aux = None
+    decoder, predictor = build_head(m["decode_head"], "model.decode_head", encoder.channels, m["num_classes"], common)
+    aux = aux_predictor = None
     if m.get("auxiliary_head"):
-        spec = dict(m["auxiliary_head"])
-        spec.pop("loss_weight", None)  # read by the task's loss
-        aux = _build_head(spec, "model.auxiliary_head", encoder.channels, m["num_classes"], common)
-    return EncoderDecoder(encoder, decode_head, aux, m["align_corners"])
+        aux, aux_predictor = build_head(m["auxiliary_head"], "model.auxiliary_head", encoder.channels,
+                                        m["num_classes"], common)
+    return EncoderDecoder(encoder, decoder, predictor, aux, aux_predictor, m["align_corners"])
+
+
+MODELS.register_lazy("smp", "densefuse.smp:build_smp_model")
+
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """Build the model described by ``cfg.model`` with the builder ``model.type`` names."""
+    return MODELS.get(cfg["model"]["type"], key="model.type")(cfg)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .errors import ConfigError, did_you_mean
+from .registry import TASKS
 
 ENTRY_POINT_GROUP = "densefuse.tasks"
 
@@ -115,15 +116,12 @@ class Task(ABC):
         return batch["raw_image"] if "raw_image" in batch else batch["image"]
 
 
-_REGISTRY: dict[str, type[Task]] = {}
-
-
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator for tasks defined in code (tests, notebooks); installed tasks use entry points."""
 
     def deco(cls: type[Task]) -> type[Task]:
         cls.name = name
-        _REGISTRY[name] = cls
+        TASKS.register(name, cls)
         return cls
 
     return deco
@@ -134,7 +132,8 @@ def _entry_points() -> dict[str, Any]:
 
 
 def available_tasks() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+    """Names of every task: registered in code or installed under the entry-point group."""
+    return sorted(set(TASKS.names()) | set(_entry_points()))
 
 
 def get_task(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Task:
@@ -144,17 +143,17 @@ def get_task(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Task:
 
 def task_class(name: str) -> type[Task]:
     """The class of the task called ``name`` (not instantiated); an unknown name is a :class:`ConfigError`."""
-    if name not in _REGISTRY:
+    if name not in TASKS:
         eps = _entry_points()
         if name not in eps:
             known = available_tasks()
             raise ConfigError(
-                f"unknown task '{name}'{did_you_mean(name, known)}; available: {', '.join(known) or 'none'}"
+                f"unknown task '{name}'{did_you_mean(str(name), known)}; available: {', '.join(known) or 'none'}"
             )
         cls = eps[name].load()
-        _REGISTRY[name] = cls
         cls.name = name
-    return _REGISTRY[name]
+        TASKS.register(name, cls)
+    return TASKS.get(name, key="task")
 
 
 def unwrap_outputs(outputs: Any) -> dict[str, Tensor]:

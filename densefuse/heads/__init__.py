@@ -1,26 +1,28 @@
-"""Decode heads. Every head that concatenates branches does it through :class:`densefuse.Fusion`."""
-from __future__ import annotations
+"""Decoders (return fused features) and predictors (make the task output).
 
-from typing import Callable
+Every decoder that concatenates branches does it through :class:`densefuse.Fusion`. Importing this
+package registers the built-in decoders in :data:`densefuse.registry.HEADS` and the predictors in
+:data:`densefuse.registry.PREDICTORS`; the head modules import the registry, never this package.
+"""
+from ..layers import PPM
+from ..registry import HEADS, PREDICTORS
+from .aspp import ASPPHead, DepthwiseSeparableASPPHead
+from .base import BRANCHES, DecodeHead
+from .fcn import FCNHead
+from .predictors import ClsSeg
+from .psp import PSPHead
+from .uper import UPerHead
 
-from torch import nn
-
-HEADS: dict[str, type[nn.Module]] = {}
-
-
-def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator adding a head to :data:`HEADS` under ``name`` (the config's ``type``)."""
-
-    def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        HEADS[name] = cls
-        return cls
-
-    return deco
-
-
-from .aspp import ASPPHead, DepthwiseSeparableASPPHead  # noqa: E402
-from .fcn import FCNHead  # noqa: E402
-from .psp import PSPHead  # noqa: E402
-from .uper import PPM, UPerHead  # noqa: E402
-
-__all__ = ["ASPPHead", "DepthwiseSeparableASPPHead", "FCNHead", "HEADS", "PPM", "PSPHead", "UPerHead", "register_head"]
+__all__ = [
+    "ASPPHead",
+    "BRANCHES",
+    "ClsSeg",
+    "DecodeHead",
+    "DepthwiseSeparableASPPHead",
+    "FCNHead",
+    "HEADS",
+    "PPM",
+    "PREDICTORS",
+    "PSPHead",
+    "UPerHead",
+]
