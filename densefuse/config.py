@@ -249,7 +249,7 @@ class Rule:
 
     def describe(self) -> str:
         if self.choices is not None:
-            text = "one of " + ", ".join(str(c) for c in self.choices)
+            text = "one of " + ", ".join(str(c) for c in self.choices if c is not None)
         elif self.kind == "list":
             n = f"{self.length} " if self.length is not None else ""
             item = self.item.describe() if self.item else "value"
@@ -413,6 +413,7 @@ def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Calla
     if cfg["model"]["type"] != "encoder_decoder":
         return
     from .model import head_arguments  # the model module imports this one
+    from .registry import HEADS
 
     for section in HEAD_SECTIONS:
         spec = _get(cfg, section)
@@ -446,6 +447,11 @@ def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Calla
             want = _rule_from_default(accepted[key]).describe()
             raise ConfigError(f"{where}'{path}' must be {want} for {kind}, got {_type_name(spec[key])} "
                               f"{spec[key]!r}; remove it to use the default {_plain(accepted[key])!r}")
+        need, why = getattr(HEADS.get(spec["type"]), "min_batch_size", lambda _: (1, ""))(spec)
+        batch = cfg["train"]["batch_size"]
+        if batch < need:
+            raise ConfigError(f"{source('train.batch_size')}: train.batch_size={batch} is too small for {kind}: "
+                              f"{why}; use train.batch_size >= {need}")
 
 
 def _head_choices(section: str, spec: Mapping[str, Any]) -> dict[str, tuple]:

@@ -1,5 +1,6 @@
 """Config loading: _base_ inheritance, overrides, strict keys with hints, type checks."""
 import pytest
+import torch
 import yaml
 
 import densefuse
@@ -47,7 +48,7 @@ def test_set_unknown_key_and_bad_type(tmp_path):
     _write(tmp_path / "c.yaml", {})
     with pytest.raises(ConfigError, match=r"--set train.batchsize: no config key 'train.batchsize' \(did you mean 'train.batch_size'"):
         densefuse.load_config(tmp_path / "c.yaml", ["train.batchsize=4"])
-    with pytest.raises(ConfigError, match=r"'train.iters' must be int, got str 'many'"):
+    with pytest.raises(ConfigError, match=r"--set train.iters=many: 'train.iters' must be int >= 1, got str 'many'"):
         densefuse.load_config(tmp_path / "c.yaml", ["train.iters=many"])
     with pytest.raises(ConfigError, match="key=value"):
         densefuse.load_config(tmp_path / "c.yaml", ["train.iters"])
@@ -57,8 +58,11 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         densefuse.load_config(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: invalid YAML: .*expected ',' or '\]'"):
         densefuse.load_config(tmp_path / "bad.yaml")
+    (tmp_path / "indent.yaml").write_text("train:\n  iters: 3\n   batch_size: 2\n")
+    with pytest.raises(ConfigError, match=r"indent.yaml:3:\d+: invalid YAML: mapping values are not allowed here"):
+        densefuse.load_config(tmp_path / "indent.yaml")
     _write(tmp_path / "child.yaml", {"_base_": "missing_base.yaml"})
     with pytest.raises(ConfigError, match="_base_ file not found: missing_base.yaml"):
         densefuse.load_config(tmp_path / "child.yaml")
@@ -84,3 +88,110 @@ def test_yaml12_booleans_keep_mode_off_a_string(tmp_path):
     assert cfg.train.amp is True and cfg.data.augment.flip is False
     cfg = densefuse.load_config(tmp_path / "m.yaml", ["model.equalizer.mode=fold"])
     assert cfg.model.equalizer.mode == "fold"
+
+
+# ----------------------------------------------------------------------- values checked at load time
+def test_exponent_floats_in_files_and_set(tmp_path):
+    (tmp_path / "e.yaml").write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-2\nmodel:\n  equalizer:\n    eps: 1e-6\n")
+    cfg = densefuse.load_config(tmp_path / "e.yaml")
+    assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.05 and cfg.model.equalizer.eps == 1e-6
+    cfg = densefuse.load_config(tmp_path / "e.yaml", ["optim.lr=5e-4", "train.grad_clip=1e1", "seed=010"])
+    assert cfg.optim.lr == 5e-4 and cfg.train.grad_clip == 10.0 and cfg.seed == 10
+    assert isinstance(cfg.seed, int)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "'train.batch_size' must be int >= 1, got int 0"),
+    ("train.iters=-5", "'train.iters' must be int >= 1, got int -5"),
+    ("train.ckpt_interval=0", "'train.ckpt_interval' must be int >= 1, got int 0"),
+    ("train.val_interval=0", "'train.val_interval' must be int >= 1, got int 0"),
+    ("train.log_interval=0", "'train.log_interval' must be int >= 1, got int 0"),
+    ("train.grad_clip=abc", "'train.grad_clip' must be number > 0 or null, got str 'abc'"),
+    ("calibration.num_images=0", "'calibration.num_images' must be int >= 1 or null, got int 0"),
+    ("calibration.batch_size=1", "'calibration.batch_size' must be int >= 2, got int 1"),
+    ("data.crop_size=[64]", "'data.crop_size' must be a list of 2 ints >= 1, got list [64]"),
+    ("data.crop_size=[64, 0]", "'data.crop_size' must be a list of 2 ints >= 1, got list [64, 0]"),
+    ("data.mean=[1, 2]", "'data.mean' must be a list of 3 numbers, got list [1, 2]"),
+    ("data.std=[1, 0, 1]", "'data.std' must be a list of 3 numbers > 0, got list [1, 0, 1]"),
+    ("device=gpu0", "'device' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got str 'gpu0'"),
+    ("model.equalizer.mode=explict", "'model.equalizer.mode' must be one of off, explicit, fold, got str 'explict'"),
+    ("work_dir=5", "'work_dir' must be str or null, got int 5"),
+    ("model.encoder.output_stride=12", "'model.encoder.output_stride' must be one of 8, 16, 32 or null, got int 12"),
+    ("optim.lr=0", "'optim.lr' must be number > 0, got int 0"),
+])
+def test_bad_values_are_one_line_errors_naming_key_and_value(override, message):
+    with pytest.raises(ConfigError) as info:
+        densefuse.load_config("seg/synthetic_upernet_r18", [override])
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"--set {override}: ")
+    assert message in text
+
+
+def test_bad_value_in_a_file_names_the_file(tmp_path):
+    _write(tmp_path / "v.yaml", {"train": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"v.yaml: 'train.batch_size' must be int >= 1, got int 0"):
+        densefuse.load_config(tmp_path / "v.yaml")
+
+
+def test_good_values_pass():
+    cfg = densefuse.load_config("seg/synthetic_upernet_r18", [
+        "device=cuda:1", "train.grad_clip=null", "calibration.num_images=null", "work_dir=runs/x",
+        "model.encoder.output_stride=8", "data.crop_size=[32, 48]"])
+    assert cfg.device == "cuda:1" and cfg.train.grad_clip is None and cfg.data.crop_size == [32, 48]
+
+
+def test_pool_branch_batch_norm_needs_two_images():
+    with pytest.raises(ConfigError, match=r"train.batch_size=1 is too small for model.decode_head.type 'uper': its "
+                                          r"pool-scale-1 branch batch-normalizes a 1x1 map.*use train.batch_size >= 2"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["train.batch_size=1"])
+    cfg = densefuse.load_config("seg/synthetic_upernet_r18", ["train.batch_size=1", "model.decode_head.type=fcn"])
+    assert cfg.train.batch_size == 1
+
+
+# ------------------------------------------------------------------------------- switching heads
+@pytest.mark.parametrize("head", ["psp", "aspp", "fcn", "sep_aspp", "uper"])
+def test_switching_the_head_with_set_just_works(head):
+    cfg = densefuse.load_config("seg/synthetic_upernet_r18", [f"model.decode_head.type={head}",
+                                                              "model.equalizer.mode=off"])
+    spec = cfg.model.decode_head
+    assert spec["type"] == head and spec["channels"] == 64 and spec["dropout"] == 0.1  # inherited and accepted
+    if head in ("psp", "aspp", "fcn", "sep_aspp"):
+        assert "in_index" not in spec  # UPerHead's list: the new head's default applies
+    if head in ("aspp", "fcn", "sep_aspp"):
+        assert "pool_scales" not in spec
+    model = densefuse.build_model(cfg).eval()
+    assert model(torch.randn(1, 3, 64, 64))["out"].shape == (1, 6, 64, 64)
+
+
+def test_switching_the_head_in_the_top_file(tmp_path):
+    base = find_config("seg/synthetic_upernet_r18").resolve()
+    _write(tmp_path / "psp.yaml", {"_base_": [str(base)], "model": {"decode_head": {"type": "psp", "in_index": 3}}})
+    spec = densefuse.load_config(tmp_path / "psp.yaml").model.decode_head
+    assert spec == {"type": "psp", "in_index": 3, "channels": 64, "pool_scales": [1, 2, 3, 6], "dropout": 0.1}
+
+
+def test_keys_the_user_wrote_are_never_dropped(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.type=fcn",
+                                                            "model.decode_head.pool_scales=[1, 2]"])
+    assert str(info.value).startswith("--set model.decode_head.pool_scales=[1, 2]: unknown config key "
+                                      "'model.decode_head.pool_scales' for model.decode_head.type 'fcn'; remove it")
+    with pytest.raises(ConfigError, match=r"'model.decode_head.in_index' must be int for model.decode_head.type "
+                                          r"'psp', got list \[0, 1\]; remove it to use the default -1"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.type=psp",
+                                                            "model.decode_head.in_index=[0, 1]"])
+    base = find_config("seg/synthetic_upernet_r18").resolve()
+    _write(tmp_path / "t.yaml", {"_base_": [str(base)], "model": {"decode_head": {"type": "fcn", "pool_scales": [1]}}})
+    with pytest.raises(ConfigError, match=r"t.yaml: unknown config key 'model.decode_head.pool_scales' for "):
+        densefuse.load_config(tmp_path / "t.yaml")
+
+
+def test_head_values_checked_at_load():
+    with pytest.raises(ConfigError, match=r"'model.decode_head.branch' must be one of conv_bn_relu_up, "
+                                          r"conv_relu_up_bn, conv_relu_up_gn, conv_relu_up_ln, got 'conv_relu_up_bm'"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.branch=conv_relu_up_bm"])
+    with pytest.raises(ConfigError, match=r"unknown model.decode_head.predictor 'clsseg' \(did you mean 'cls_seg'"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.predictor=clsseg"])
+    with pytest.raises(ConfigError, match=r"unknown model.auxiliary_head.type 'fcm' \(did you mean 'fcn'"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["model.auxiliary_head.type=fcm"])

@@ -6,7 +6,7 @@ block starts with a depthwise 3x3 conv, so folding scales the depthwise rows.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -49,6 +49,10 @@ class ASPPHead(DecodeHead):
         fuse = ConvNormAct(n_in, channels, 3, norm=None) if self.output_upsampled and self.post_norm else None
         self.bottleneck = self.make_fusion([channels] * (len(dilations) + 1), fuse=fuse)
         self.image_pool_post_norm = None if self.post_norm is None else self.post_norms(1, channels)[0]
+
+    @classmethod
+    def min_batch_size(cls, spec: Mapping[str, Any]) -> tuple[int, str]:
+        return cls._pooled_bn(spec, "image-pool branch")
 
     def aspp(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]

@@ -5,7 +5,7 @@ input); a predictor (see :mod:`densefuse.heads.predictors`) turns it into the ta
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -55,6 +55,17 @@ class DecodeHead(nn.Module):
         self.branch = branch
         self.post_norm = BRANCHES[branch]
         self._fusion_kwargs = {"mode": eq_mode, "eps": eq_eps, "align_corners": align_corners}
+
+    @classmethod
+    def min_batch_size(cls, spec: Mapping[str, Any]) -> tuple[int, str]:
+        """Smallest training batch the head built from ``spec`` can take, and why (checked at load time)."""
+        return 1, ""
+
+    @staticmethod
+    def _pooled_bn(spec: Mapping[str, Any], what: str) -> tuple[int, str]:
+        if spec.get("branch", "conv_bn_relu_up") == "conv_bn_relu_up":
+            return 2, f"its {what} batch-normalizes a 1x1 map, which needs 2 or more values per channel"
+        return 1, ""
 
     @property
     def out_channels(self) -> int:

@@ -1,7 +1,7 @@
 """PSPHead (mmseg ``psp_head.py``): pyramid pooling on one level, fused with the level itself."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -29,6 +29,10 @@ class PSPHead(DecodeHead):
         self.psp_modules = PPM(pool_scales, self.in_channels, channels, norm=self.branch_norm())
         self.bottleneck = self.make_fusion([self.in_channels] + [channels] * len(pool_scales))
         self.psp_post_norms = self.post_norms(len(pool_scales), channels)
+
+    @classmethod
+    def min_batch_size(cls, spec: Mapping[str, Any]) -> tuple[int, str]:
+        return cls._pooled_bn(spec, "pool-scale-1 branch") if 1 in spec.get("pool_scales", (1, 2, 3, 6)) else (1, "")
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         x = self.select(feats)

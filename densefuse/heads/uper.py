@@ -6,7 +6,7 @@ The top-down path stays a sum, as in mmseg.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -47,6 +47,10 @@ class UPerHead(DecodeHead):
         self.fpn_fusion = self.make_fusion([channels] * n)
         self.psp_post_norms = self.post_norms(len(pool_scales), channels)
         self.fpn_post_norms = self.post_norms(n - 1, channels)
+
+    @classmethod
+    def min_batch_size(cls, spec: Mapping[str, Any]) -> tuple[int, str]:
+        return cls._pooled_bn(spec, "pool-scale-1 branch") if 1 in spec.get("pool_scales", (1, 2, 3, 6)) else (1, "")
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         inputs = self.select(feats)
