@@ -9,6 +9,7 @@ Files and ``--set`` values are read with YAML 1.2's core schema: ``off`` is a st
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import inspect
 import re
 from dataclasses import dataclass
@@ -154,9 +155,17 @@ def merge(base: Mapping, override: Mapping) -> dict:
 
 
 def config_dirs() -> list[Path]:
-    """Where bare config names are looked up: ./configs, then the source checkout's configs/."""
-    here = Path(__file__).resolve().parent.parent / "configs"
-    return [Path.cwd() / "configs", here]
+    """Where bare config names are looked up: ``./configs`` (the user's own), then the configs shipped
+    with the package (``densefuse_configs``; the repository's ``configs/`` folder in a source checkout)."""
+    dirs = [Path.cwd() / "configs"]
+    try:  # a regular package on disk (wheels install it unzipped), so its files() is a real path
+        dirs.append(Path(str(importlib.resources.files("densefuse_configs"))))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        pass
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout not in dirs:
+        dirs.append(checkout)
+    return dirs
 
 
 def find_config(name: PathLike) -> Path:
