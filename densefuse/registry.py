@@ -65,6 +65,9 @@ class Registry:
         """Every registered name (lazy ones included), sorted."""
         return sorted(set(self._items) | set(self._lazy))
 
+    def __getitem__(self, name: str) -> Any:
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items or name in self._lazy
 

@@ -18,7 +18,7 @@ def test_register_as_decorator_and_call():
         return "a"
 
     reg.register("b", len)
-    assert reg.get("a") is build_a and reg.get("b") is len
+    assert reg.get("a") is build_a and reg.get("b") is len and reg["a"] is build_a
     assert reg.names() == ["a", "b"] and "a" in reg and "c" not in reg and len(reg) == 2
     assert list(reg) == ["a", "b"]
 
@@ -56,6 +56,9 @@ def test_arguments_follow_kwargs_to_the_base_class():
 
 def test_builtin_registries():
     assert HEADS.names() == ["aspp", "fcn", "psp", "sep_aspp", "uper"]
+    from densefuse.heads import register_head, register_predictor
+
+    assert register_head == HEADS.register and register_predictor == PREDICTORS.register
     assert "cls_seg" in PREDICTORS
     assert MODELS.names() == ["encoder_decoder", "smp"]
     assert "seg" in densefuse.tasks.available_tasks()

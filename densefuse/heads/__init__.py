@@ -13,6 +13,11 @@ from .predictors import ClsSeg
 from .psp import PSPHead
 from .uper import UPerHead
 
+#: class decorator adding a decoder under a ``model.decode_head.type`` name (``HEADS.register``)
+register_head = HEADS.register
+#: class decorator adding a predictor under a ``model.decode_head.predictor`` name
+register_predictor = PREDICTORS.register
+
 __all__ = [
     "ASPPHead",
     "BRANCHES",
@@ -25,4 +30,6 @@ __all__ = [
     "PREDICTORS",
     "PSPHead",
     "UPerHead",
+    "register_head",
+    "register_predictor",
 ]
