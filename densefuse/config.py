@@ -456,6 +456,10 @@ def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Calla
             want = _rule_from_default(accepted[key]).describe()
             raise ConfigError(f"{where}'{path}' must be {want} for {kind}, got {_type_name(spec[key])} "
                               f"{spec[key]!r}; remove it to use the default {_plain(accepted[key])!r}")
+        missing = [k for k, default in accepted.items() if default is inspect.Parameter.empty and k not in spec]
+        if missing:
+            raise ConfigError(f"{source(section + '.type')}: {kind} needs '{section}.{missing[0]}' "
+                              f"(required arguments: {', '.join(missing)})")
         need, why = getattr(HEADS.get(spec["type"]), "min_batch_size", lambda _: (1, ""))(spec)
         batch = cfg["train"]["batch_size"]
         if batch < need:

@@ -195,3 +195,21 @@ def test_head_values_checked_at_load():
         densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.predictor=clsseg"])
     with pytest.raises(ConfigError, match=r"unknown model.auxiliary_head.type 'fcm' \(did you mean 'fcn'"):
         densefuse.load_config("seg/synthetic_upernet_r18", ["model.auxiliary_head.type=fcm"])
+
+
+def test_a_head_with_a_required_argument_says_so():
+    from torch import nn
+
+    from densefuse.registry import HEADS
+
+    @HEADS.register("test_needs_width")
+    class NeedsWidth(nn.Module):
+        def __init__(self, in_channels, width, align_corners=False, eq_mode="explicit", eq_eps=1e-5):
+            super().__init__()
+
+    try:
+        with pytest.raises(ConfigError, match=r"model.decode_head.type 'test_needs_width' needs "
+                                              r"'model.decode_head.width' \(required arguments: width\)"):
+            densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.type=test_needs_width"])
+    finally:
+        HEADS._items.pop("test_needs_width")
