@@ -1,7 +1,8 @@
 """densefuse: dense prediction with scale-equalized multi-level feature fusion."""
 from . import smp  # segmentation_models_pytorch is imported lazily inside
+from .calibration import calibrate, equalizers, fold, measure, set_mode
 from .config import Config, load_config
-from .equalizer import ScaleEqualizer, calibrate, equalizers, fold, measure, set_mode
+from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, ConfigError, DataError, DensefuseError
 from .fusion import Fusion
 from .model import EncoderDecoder, build_model

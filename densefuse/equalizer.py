@@ -3,21 +3,23 @@
 Bilinear upsampling keeps a feature's mean but lowers its variance (Kim & Kim, TMLR 2024, Thm. 3.2),
 so the branches a decoder concatenates reach the fusion conv at unequal scales. A
 :class:`ScaleEqualizer` holds one scalar mean and std per branch, measured once over training
-images by :func:`calibrate` and then frozen. Three modes:
+images by :func:`densefuse.calibrate` and then frozen. Three modes:
 
 ``off``       identity (the baseline); calibration still measures, so reports work.
 ``explicit``  the affine runs in the forward pass (default; keeps the gradients of the paper's model).
-``fold``      Algorithm 1: the fusion conv's input-channel slices are divided by sigma once (:func:`fold`);
-              the forward is then the identity.
+``fold``      Algorithm 1: the fusion conv's input-channel slices are divided by sigma once
+              (:func:`densefuse.fold`); the forward is then the identity.
+
+An equalizer holds no reference to the conv it folds into: :func:`densefuse.fold` looks the conv up
+when it runs (:meth:`ScaleEqualizer.fold_target`), so folding stays right after SyncBatchNorm
+conversion, DDP or ``torch.compile`` wrapping, or loading a state_dict into a fresh model.
+The model-level functions (calibrate, measure, fold, ...) live in :mod:`densefuse.calibration`.
 """
 from __future__ import annotations
 
-import math
-import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +29,51 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import CalibrationError
 
 MODES = ("off", "explicit", "fold")
+#: model-level functions kept importable from here (they live in densefuse.calibration)
+_CALIBRATION_API = ("calibrate", "measure", "fold", "equalizers", "set_mode", "site_name")
+
+
+@dataclass(frozen=True)
+class FoldTarget:
+    """Where a site folds to, looked up when :func:`densefuse.fold` runs.
+
+    Attributes:
+        conv: the first conv applied to the concat; its input-channel slices are scaled by 1/std.
+        norm: BatchNorm after ``conv`` (or after ``pointwise``) whose running mean takes the mean term
+            when the conv has no bias.
+        pointwise: for a depthwise ``conv``, the bias-free 1x1 conv between it and ``norm``; the
+            mean term passes through it.
+    """
+
+    conv: nn.Conv2d
+    norm: Optional[nn.Module] = None
+    pointwise: Optional[nn.Conv2d] = None
+
+
+class _SiteTrace:
+    """What one traced forward records for a site: a zero leaf added to its output, and which
+    sites' leaves reach its input (see :func:`densefuse.calibration.calibrate`)."""
+
+    def __init__(self, index: int, leaves: dict[int, int]) -> None:
+        self.index = index
+        self.leaf = torch.zeros((), requires_grad=True)
+        self.leaves = leaves  # id(leaf) -> site index, shared by every site of the trace
+        self.leaves[id(self.leaf)] = index
+        self.sources: set[int] = set()
+
+    def record(self, x: Tensor) -> None:
+        """Add the sites whose leaf is an autograd ancestor of ``x``."""
+        stack = [x.grad_fn] if x.grad_fn is not None else []
+        seen: set[int] = set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if var is not None and id(var) in self.leaves:
+                self.sources.add(self.leaves[id(var)])
+            stack.extend(f for f, _ in fn.next_functions)
 
 
 class ScaleEqualizer(nn.Module):
@@ -39,7 +86,11 @@ class ScaleEqualizer(nn.Module):
             and a warning is issued, instead of being amplified by 1/eps.
 
     Buffers ``mean``, ``std``, ``calibrated`` and ``folded`` are saved in the state_dict; the float64
-    running sums used while calibrating are not.
+    running sums used while calibrating and measuring are not.
+
+    Besides the normal forward, a site can record: ``observing`` (calibration: pass the input
+    through and sum its moments) or ``measuring`` (:func:`densefuse.measure`: run as in the real
+    forward and sum the moments of the input and of what the fusion conv effectively sees).
     """
 
     def __init__(self, groups: Sequence[int], mode: str = "explicit", eps: float = 1e-5) -> None:
@@ -55,15 +106,20 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("std", torch.ones(n))
         self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("folded", torch.tensor(False))
-        self.register_buffer("_sums", torch.zeros(3, n, dtype=torch.float64), persistent=False)
+        # [before, after] x [count, sum, sum of squares] x branch, float64
+        self.register_buffer("_sums", torch.zeros(2, 3, n, dtype=torch.float64), persistent=False)
         # channel count per branch as a device tensor, so the per-channel expansion needs no host copy
         self.register_buffer("_group_sizes", torch.tensor(groups, dtype=torch.long), persistent=False)
         self.observing = False
+        self.measuring = False
+        #: calibrated but unfolded sites in mode fold apply the affine explicitly (calibrate/measure
+        #: set this: the folded conv will compute the same, up to zero-padded borders)
+        self.emulate_fold = False
+        self._trace: Optional[_SiteTrace] = None
         self.ratios: list[Optional[tuple[float, float]]] = [None] * n
         # Python mirrors of the bool buffers: no tensor reads in forward (torch.compile friendly).
         self._is_calibrated = False
         self._is_folded = False
-        self._target: Optional[tuple[nn.Conv2d, Optional[nn.Module]]] = None
         #: name of the site in reports; ``None`` uses the owning module's path
         self.label: Optional[str] = None
 
@@ -81,13 +137,18 @@ class ScaleEqualizer(nn.Module):
             start += g
         return out
 
-    def attach(self, conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> None:
-        """Name the fusion conv (and the norm right after it) that :meth:`fold` rescales."""
-        if conv.in_channels != sum(self.groups):
-            raise ValueError(
-                f"fusion conv has {conv.in_channels} input channels, the branches sum to {sum(self.groups)}"
-            )
-        self._target = (conv, norm)
+    @property
+    def is_calibrated(self) -> bool:
+        return self._is_calibrated
+
+    @property
+    def is_folded(self) -> bool:
+        return self._is_folded
+
+    @property
+    def recording(self) -> bool:
+        """Whether the forward sums statistics (calibration or measurement)."""
+        return self.observing or self.measuring
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, mode={self.mode!r}, calibrated={self._is_calibrated}"
@@ -107,14 +168,29 @@ class ScaleEqualizer(nn.Module):
         if self._is_folded:
             self.mode = "fold"
 
-    def _check_ready(self) -> None:
+    @property
+    def active(self) -> bool:
+        """Whether the frozen affine is in effect (explicitly, or folded into the conv)."""
+        return self.mode != "off" and self._is_calibrated
+
+    def _applies_affine(self) -> bool:
+        """Whether the forward itself must apply the affine; raises when the site cannot run."""
+        if self.mode == "off":
+            return False
         if not self._is_calibrated:
+            if self.measuring:
+                return False  # measured as it is: nothing to apply yet
             raise CalibrationError(
                 f"scale equalizer in mode '{self.mode}' is not calibrated; run densefuse.calibrate(model, batches) "
                 "first (or use mode 'off')"
             )
-        if self.mode == "fold" and not self._is_folded:
-            raise CalibrationError("scale equalizer in mode 'fold' is calibrated but not folded; run densefuse.fold(model)")
+        if self.mode == "explicit":
+            return True
+        if self._is_folded:
+            return False
+        if self.emulate_fold:
+            return True
+        raise CalibrationError("scale equalizer in mode 'fold' is calibrated but not folded; run densefuse.fold(model)")
 
     # ------------------------------------------------------------------ statistics
     def reset_stats(self) -> None:
@@ -122,32 +198,58 @@ class ScaleEqualizer(nn.Module):
         self.ratios = [None] * self.num_groups
 
     @torch.no_grad()
-    def observe(self, index: int, x: Tensor, ratio: Optional[tuple[float, float]] = None) -> None:
-        """Add branch ``index`` (already resized to the fusion size) to the running float64 sums."""
+    def _add(self, which: int, index: int, x: Tensor) -> None:
         if x.numel() == 0:
             return
-        s = self._sums
+        s = self._sums[which]
         s[0, index] += x.numel()
         s[1, index] += x.sum(dtype=torch.float64)
         s[2, index] += x.float().square().sum(dtype=torch.float64)
+
+    def observe(self, index: int, x: Tensor, ratio: Optional[tuple[float, float]] = None) -> None:
+        """Add branch ``index`` as it reaches the site (resized to the fusion size) to the sums."""
+        if self._trace is not None:
+            self._trace.record(x)
+        self._add(0, index, x)
         if ratio is not None:
             self.ratios[index] = ratio
+
+    def observe_after(self, index: int, y: Tensor) -> None:
+        """Add branch ``index`` as the fusion conv effectively sees it (``y`` is what enters the conv;
+        a folded conv applies the affine itself, so it is applied here for the statistics)."""
+        if self._is_folded:
+            y = (y - self.mean[index].to(y.dtype)) / self.std[index].to(y.dtype)
+        self._add(1, index, y)
 
     def observe_concat(self, x: Tensor) -> None:
         """Observe every branch of an already concatenated tensor."""
         for i, part in enumerate(torch.split(x, self.groups, dim=1)):
             self.observe(i, part)
 
-    def measured(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(count, mean, var) per branch from the running sums, summed over ranks under torch.distributed."""
+    def observe_concat_after(self, y: Tensor) -> None:
+        for i, part in enumerate(torch.split(y, self.groups, dim=1)):
+            self.observe_after(i, part)
+
+    def reduced_sums(self) -> Tensor:
+        """The running sums, summed over ranks under torch.distributed (one all-reduce)."""
         sums = self._sums.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-        n = sums[0]
+        return sums
+
+    def measured(self, sums: Optional[Tensor] = None, after: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(count, mean, var) per branch of the input (or, ``after=True``, of what the conv sees),
+        from ``sums`` (default: :meth:`reduced_sums`)."""
+        s = (self.reduced_sums() if sums is None else sums)[1 if after else 0]
+        n = s[0]
         safe_n = n.clamp_min(1)
-        mean = sums[1] / safe_n
-        var = (sums[2] / safe_n - mean.square()).clamp_min(0)
+        mean = s[1] / safe_n
+        var = (s[2] / safe_n - mean.square()).clamp_min(0)
         return n, mean, var
+
+    def mark(self, x: Tensor) -> Tensor:
+        """The site's output; while tracing, plus a zero leaf so later sites can see they depend on it."""
+        return x if self._trace is None else x + self._trace.leaf
 
     @torch.no_grad()
     def finish_calibration(self, measured: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> list[int]:
@@ -175,10 +277,7 @@ class ScaleEqualizer(nn.Module):
     # ------------------------------------------------------------------ forward
     def branch(self, index: int, x: Tensor) -> Tensor:
         """Equalize branch ``index`` on its own. Exact before a bilinear resize (weights sum to 1)."""
-        if self.observing or self.mode == "off":
-            return x
-        self._check_ready()
-        if self.mode == "fold":
+        if self.observing or not self._applies_affine():
             return x
         return (x - self.mean[index].to(x.dtype)) / self.std[index].to(x.dtype)
 
@@ -186,12 +285,15 @@ class ScaleEqualizer(nn.Module):
         """Equalize an already concatenated tensor (channels in ``groups`` order)."""
         if self.observing:
             self.observe_concat(x)
-            return x
-        if self.mode == "off":
-            return x
-        self._check_ready()
-        if self.mode == "fold":
-            return x
+            return self.mark(x)
+        y = self.apply(x) if self._applies_affine() else x
+        if self.measuring:
+            self.observe_concat(x)
+            self.observe_concat_after(y)
+        return y
+
+    def apply(self, x: Tensor) -> Tensor:
+        """The frozen affine on a concatenated tensor, whatever the mode."""
         scale, shift = self.channel_affine()
         return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
 
@@ -203,31 +305,69 @@ class ScaleEqualizer(nn.Module):
         return scale, shift
 
     # ------------------------------------------------------------------ fold
+    def fold_target(self, root: nn.Module, name: str) -> FoldTarget:
+        """The conv this site folds into, looked up now in ``root`` (where this equalizer is ``name``).
+
+        A plain equalizer asks the module that owns it (a :class:`densefuse.Fusion` answers with the
+        first conv of its ``fuse`` block). Raises :class:`CalibrationError` when there is none.
+        """
+        parent_path = name.rpartition(".")[0]
+        parent = root.get_submodule(parent_path) if parent_path else root
+        find = getattr(parent, "fold_target", None)
+        if find is None or parent is self:
+            raise CalibrationError(
+                f"fusion site '{parent_path or name}' has no conv to fold into ({type(parent).__name__} does not "
+                "name one); use mode 'explicit'"
+            )
+        return find()
+
+    def check_fold_target(self, target: FoldTarget, site: str) -> None:
+        """Raise :class:`CalibrationError` unless ``target`` can take this site's fold exactly."""
+        conv = target.conv
+        if not isinstance(conv, nn.Conv2d):
+            raise CalibrationError(f"fusion site '{site}': the fold target is a {type(conv).__name__}, not a Conv2d")
+        if conv.in_channels != sum(self.groups):
+            raise CalibrationError(
+                f"fusion site '{site}': its conv has {conv.in_channels} input channels, the branches sum to "
+                f"{sum(self.groups)}"
+            )
+        if conv.groups not in (1, conv.in_channels):
+            raise CalibrationError(f"fusion site '{site}': cannot fold into a grouped conv with groups={conv.groups}")
+        last = target.pointwise if target.pointwise is not None else conv
+        if last.bias is None and not _absorbing_norm(target.norm):
+            raise CalibrationError(
+                f"fusion site '{site}': its conv has no bias and no BatchNorm follows it, so the mean term "
+                "has nowhere to go; use mode 'explicit'"
+            )
+
     @torch.no_grad()
-    def fold(self) -> None:
-        """Algorithm 1: scale the fusion conv's input slices by 1/std and switch to mode ``fold``.
+    def fold(self, target: FoldTarget) -> None:
+        """Algorithm 1: scale ``target.conv``'s input slices by 1/std and switch to mode ``fold``.
 
         The mean term becomes a per-output-channel constant ``c``. It goes into the conv bias when
         there is one, else into the following BatchNorm's ``running_mean`` (exact in eval); in train
-        mode BatchNorm removes it anyway. Zero padding of a 3x3 conv makes the border differ.
+        mode BatchNorm removes it anyway. Zero padding of a 3x3 conv makes the border differ
+        (see :func:`border_offset`).
         """
         if self._is_folded:
             raise CalibrationError("this fusion site is already folded; folding twice would rescale twice")
         if not self._is_calibrated:
             raise CalibrationError("cannot fold an uncalibrated scale equalizer; run densefuse.calibrate first")
-        if self._target is None:
-            raise CalibrationError("no fusion conv is attached to this scale equalizer; nothing to fold into")
-        conv, norm = self._target
-        scale, shift = self.channel_affine()
+        self.check_fold_target(target, self.label or type(self).__name__)
+        conv = target.conv
+        scale, _ = self.channel_affine()
         w = conv.weight
         if conv.groups == 1:
             w.mul_(scale.to(w).view(1, -1, 1, 1))
-        elif conv.groups == conv.in_channels:  # depthwise: one row block per input channel
+        else:  # depthwise: one row block per input channel
             mult = conv.out_channels // conv.in_channels
             w.mul_(scale.to(w).repeat_interleave(mult).view(-1, 1, 1, 1))
+        c = self._mean_offset(conv)
+        if target.pointwise is not None:
+            pw = target.pointwise
+            absorb_offset(pw.weight.flatten(1) @ c.to(pw.weight), pw, target.norm)
         else:
-            raise CalibrationError(f"cannot fold into a grouped conv with groups={conv.groups}")
-        self._absorb_offset(self._mean_offset(conv))
+            absorb_offset(c, conv, target.norm)
         self.folded.fill_(True)
         self._is_folded = True
         self.mode = "fold"
@@ -242,19 +382,40 @@ class ScaleEqualizer(nn.Module):
         const = mean_map.to(w).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
         return F.conv2d(const, w, None, 1, 0, conv.dilation, conv.groups).flatten()
 
-    def _absorb_offset(self, c: Tensor) -> None:
-        """Remove the mean term ``c`` from the fusion conv's output: into its bias, or its BatchNorm's
-        running mean. Subclasses whose conv feeds another linear op first override this."""
-        conv, norm = self._target  # type: ignore[misc]
-        absorb_offset(c, conv, norm)
+
+@torch.no_grad()
+def border_offset(eq: ScaleEqualizer, conv: nn.Conv2d, size: Sequence[int]) -> Tensor:
+    """What folding changes in ``conv``'s output (1, C_out, H, W) for an input of ``size``.
+
+    Explicit mode pads the *equalized* input with zeros (``x = mu``); the folded conv pads the raw
+    input with zeros (``(x - mu) / sigma = -mu / sigma``). So the folded output differs by
+    ``-sum over the padded taps of W * mu / sigma``: zero in the interior, and at most
+    ``sum_k |sum_c W[o,c,k] mu_c / sigma_c|`` over the outside taps at the border. ``conv`` is the
+    unfolded conv (weights as before folding).
+    """
+    _, shift = eq.channel_affine()
+    w = conv.weight
+    h, wd = (int(s) for s in size)
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    b = shift.to(w).view(1, -1, 1, 1)  # -mu / sigma per channel
+    padded = F.conv2d(b.expand(1, -1, h, wd), w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    full = F.conv2d(b.expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1), w, None, 1, 0, conv.dilation, conv.groups)
+    return full - padded
+
+
+def _absorbing_norm(norm: Optional[nn.Module]) -> bool:
+    return isinstance(norm, _BatchNorm) and norm.running_mean is not None
 
 
 def absorb_offset(c: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module]) -> None:
     """Make ``conv`` (and the ``norm`` after it) output ``y - c``: bias when present, else BN running mean."""
     if conv.bias is not None:
         conv.bias.sub_(c.to(conv.bias))
-    elif isinstance(norm, _BatchNorm) and norm.running_mean is not None:
-        norm.running_mean.add_(c.to(norm.running_mean))
+    elif _absorbing_norm(norm):
+        norm.running_mean.add_(c.to(norm.running_mean))  # type: ignore[union-attr]
+    else:
+        raise CalibrationError("the fusion conv has no bias and no BatchNorm follows it; the mean term cannot be folded")
 
 
 def _check_mode(mode: str) -> str:
@@ -263,172 +424,22 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def find_fold_target(module: nn.Module) -> tuple[nn.Conv2d, Optional[nn.Module]]:
-    """First Conv2d in ``module`` and the BatchNorm that directly follows it (or None)."""
+def find_fold_target(module: nn.Module) -> Optional[FoldTarget]:
+    """First Conv2d in ``module`` and the BatchNorm that directly follows it (or None); None without a conv."""
     mods = list(module.modules())
     for i, m in enumerate(mods):
         if isinstance(m, nn.Conv2d):
             nxt = mods[i + 1] if i + 1 < len(mods) else None
             norm = nxt if isinstance(nxt, _BatchNorm) and nxt.num_features == m.out_channels else None
-            return m, norm
-    raise ValueError(f"no Conv2d found in {type(module).__name__}")
+            return FoldTarget(m, norm)
+    return None
 
 
-# ---------------------------------------------------------------------- model-level API
-def equalizers(model: nn.Module) -> Iterator[tuple[str, ScaleEqualizer]]:
-    """Every (name, ScaleEqualizer) in ``model``, in module order."""
-    for name, m in model.named_modules():
-        if isinstance(m, ScaleEqualizer):
-            yield name, m
+def __getattr__(name: str) -> Any:
+    # calibrate / measure / fold / equalizers / set_mode moved to densefuse.calibration; lazily
+    # re-exported so ``from densefuse.equalizer import calibrate`` keeps working (no import cycle).
+    if name in _CALIBRATION_API:
+        from . import calibration
 
-
-def site_name(name: str, eq: Optional[ScaleEqualizer] = None) -> str:
-    """Report name of a site: the equalizer's ``label``, else the owning module's path."""
-    if eq is not None and eq.label:
-        return eq.label
-    return name[: -len(".equalizer")] if name.endswith(".equalizer") else name
-
-
-def set_mode(model: nn.Module, mode: str) -> None:
-    """Set the mode of every equalizer in ``model``."""
-    for _, eq in equalizers(model):
-        eq.set_mode(mode)
-
-
-def _images(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict):
-        for key in ("image", "img", "input", "x"):
-            if key in batch:
-                return batch[key]
-        raise CalibrationError(f"calibration batch dict has no 'image' key (keys: {sorted(batch)})")
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise CalibrationError(f"cannot take images from a calibration batch of type {type(batch).__name__}")
-
-
-@contextmanager
-def _observing(model: nn.Module) -> Iterator[list[tuple[str, ScaleEqualizer]]]:
-    """Train-mode BN, no grad, every equalizer observing; restore BN buffers and train/eval modes after."""
-    eqs = list(equalizers(model))
-    if not eqs:
-        raise CalibrationError("the model has no scale equalizers (build it with densefuse or densefuse.smp.equalize)")
-    modes = [(m, m.training) for m in model.modules()]
-    bn_state = [
-        (m, {k: v.clone() for k, v in m._buffers.items() if v is not None})
-        for m in model.modules()
-        if isinstance(m, _BatchNorm)
-    ]
-    for _, eq in eqs:
-        eq.reset_stats()
-        eq.observing = True
-    model.train()
-    try:
-        with torch.no_grad():
-            yield eqs
-    finally:
-        for _, eq in eqs:
-            eq.observing = False
-        for m, bufs in bn_state:
-            for k, v in bufs.items():
-                m._buffers[k].copy_(v)
-        for m, training in modes:
-            m.training = training
-
-
-def _run(model: nn.Module, batches: Iterable[Any], num_images: Optional[int],
-         forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> int:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    seen = 0
-    for batch in batches:
-        if forward is None:
-            x = _images(batch).to(device, non_blocking=True)
-            model(x)
-        else:  # the task's forward: the model may take more than the image (depth: RGB + ground embedding)
-            x = _images(batch)
-            forward(model, batch)
-        seen += x.shape[0]
-        if num_images is not None and seen >= num_images:
-            break
-    if seen == 0:
-        raise CalibrationError("calibration got no images (empty dataset or loader)")
-    return seen
-
-
-def _rows(eqs: list[tuple[str, ScaleEqualizer]], measured: list[tuple[Tensor, Tensor, Tensor]]) -> pd.DataFrame:
-    rows = []
-    for (name, eq), (_, mean, var) in zip(eqs, measured):
-        for i, g in enumerate(eq.groups):
-            std = math.sqrt(float(var[i]))
-            active = eq.mode != "off" and eq._is_calibrated
-            mu, sd = (float(eq.mean[i]), float(eq.std[i])) if active else (0.0, 1.0)
-            ratio = eq.ratios[i] or (float("nan"), float("nan"))
-            rows.append(
-                {
-                    "site": site_name(name, eq),
-                    "branch": i,
-                    "channels": g,
-                    "ratio_h": ratio[0],
-                    "ratio_w": ratio[1],
-                    "mean": float(mean[i]),
-                    "std": std,
-                    "var_before": float(var[i]),
-                    "mean_after": (float(mean[i]) - mu) / sd,
-                    "std_after": std / sd,
-                    "var_after": float(var[i]) / sd**2,
-                    "mode": eq.mode,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def calibrate(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None,
-              forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> pd.DataFrame:
-    """Measure and freeze the per-branch mean/std of every fusion site in one pass.
-
-    BatchNorm runs in train mode (batch statistics, as in training) under ``no_grad``; BN running
-    stats and every module's train/eval mode are restored afterwards. ``batches`` yields image
-    tensors, dicts with an ``"image"`` key, or tuples whose first item is the images.
-    ``num_images=None`` uses every batch (Algorithm 1 uses the whole training set). ``forward(model,
-    batch)`` calls the model on a batch (e.g. ``task.forward``); by default the model gets the images.
-
-    Returns one row per (site, branch): upsample ratio, mean, std, variance before and after.
-    """
-    with _observing(model) as eqs:
-        _run(model, batches, num_images, forward)
-    measured = [eq.measured() for _, eq in eqs]  # one all-reduce per site under torch.distributed
-    for (name, eq), stats in zip(eqs, measured):
-        dead = eq.finish_calibration(stats)
-        for i in dead:
-            warnings.warn(
-                f"fusion site '{site_name(name, eq)}' branch {i} is constant (std < {eq.eps}); it is left unscaled",
-                stacklevel=2,
-            )
-    return _rows(eqs, measured)
-
-
-def measure(model: nn.Module, batches: Iterable[Any], num_images: Optional[int] = None,
-            forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> pd.DataFrame:
-    """Like :func:`calibrate` but changes nothing: the std of every concat subject before and after
-    equalization with the current (frozen) stats. ``after == before`` for mode ``off``."""
-    with _observing(model) as eqs:
-        _run(model, batches, num_images, forward)
-    return _rows(eqs, [eq.measured() for _, eq in eqs])
-
-
-def fold(model: nn.Module) -> nn.Module:
-    """Fold every calibrated equalizer in ``model`` into its fusion conv (paper's Algorithm 1)."""
-    eqs = list(equalizers(model))
-    if not eqs:
-        raise CalibrationError("the model has no scale equalizers to fold")
-    if any(eq._is_folded for _, eq in eqs):
-        raise CalibrationError("the model is already folded; folding twice would rescale the fusion convs twice")
-    for name, eq in eqs:  # check every site first so a refusal leaves the model untouched
-        if eq._target is None:
-            raise CalibrationError(f"fusion site '{site_name(name, eq)}' has no conv to fold into; use mode 'explicit'")
-        if not eq._is_calibrated:
-            raise CalibrationError(f"fusion site '{site_name(name, eq)}' is not calibrated; run densefuse.calibrate first")
-    for _, eq in eqs:
-        eq.fold()
-    return model
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .equalizer import ScaleEqualizer, find_fold_target
+from .equalizer import FoldTarget, ScaleEqualizer, find_fold_target
+from .errors import CalibrationError
 from .layers import ConvBNReLU
 
 
@@ -30,7 +31,9 @@ class Fusion(nn.Module):
     Args:
         in_channels: channels of every branch, in concat order.
         out_channels: output channels of the default fuse block (ConvBNReLU, ``kernel_size``).
-        fuse: a custom fuse block; its first Conv2d is the one :func:`densefuse.fold` rescales.
+        fuse: a custom fuse block; its first Conv2d is the one :func:`densefuse.fold` rescales (found
+            when fold runs, so replacing modules inside ``fuse`` before folding is fine). The mean term
+            goes into that conv's bias, or into the BatchNorm right after it.
         align_corners: passed to the bilinear resize.
         mode, eps: equalizer settings (see :class:`ScaleEqualizer`).
     """
@@ -54,7 +57,6 @@ class Fusion(nn.Module):
         self.align_corners = align_corners
         self.equalizer = ScaleEqualizer(self.in_channels, mode=mode, eps=eps)
         self.fuse = fuse
-        self.equalizer.attach(*find_fold_target(fuse))
 
     @property
     def slices(self) -> list[slice]:
@@ -67,15 +69,28 @@ class Fusion(nn.Module):
             raise ValueError(f"Fusion expects {len(self.in_channels)} branches, got {len(feats)}")
         size = tuple(size) if size is not None else tuple(feats[0].shape[-2:])
         eq = self.equalizer
-        parts = []
-        for i, x in enumerate(feats):
-            if eq.observing:
-                up = resize(x, size, self.align_corners)
-                eq.observe(i, up, (size[0] / x.shape[-2], size[1] / x.shape[-1]))
-                parts.append(up)
-            else:
-                parts.append(resize(eq.branch(i, x), size, self.align_corners))
-        return torch.cat(parts, dim=1)
+        if eq.recording:
+            return eq.mark(torch.cat([self._recorded(i, x, size) for i, x in enumerate(feats)], dim=1))
+        return torch.cat([resize(eq.branch(i, x), size, self.align_corners) for i, x in enumerate(feats)], dim=1)
+
+    def _recorded(self, index: int, x: Tensor, size: tuple[int, ...]) -> Tensor:
+        """Branch ``index`` while calibrating (observe, pass through) or measuring (observe the
+        resized input and what really enters the fuse block)."""
+        eq = self.equalizer
+        up = resize(x, size, self.align_corners)
+        eq.observe(index, up, (size[0] / x.shape[-2], size[1] / x.shape[-1]))
+        if eq.observing:
+            return up
+        y = resize(eq.branch(index, x), size, self.align_corners)
+        eq.observe_after(index, y)
+        return y
+
+    def fold_target(self) -> FoldTarget:
+        """The first conv of ``fuse`` (and the BatchNorm right after it), looked up now."""
+        target = find_fold_target(self.fuse)
+        if target is None:
+            raise CalibrationError(f"the fuse block ({type(self.fuse).__name__}) of this Fusion has no Conv2d to fold into")
+        return target
 
     def forward(self, feats: Sequence[Tensor], size: Optional[Sequence[int]] = None) -> Tensor:
         return self.fuse(self.concat(feats, size))

@@ -134,7 +134,7 @@ def test_fold_rescales_exact_slices():
     f.equalizer.std.copy_(torch.tensor([2.0, 4.0]))
     f.equalizer.calibrated.fill_(True)
     f.equalizer._is_calibrated = True
-    f.equalizer.fold()
+    f.equalizer.fold(f.fold_target())
     w1 = f.fuse.conv.weight.detach()
     assert torch.allclose(w1[:, :3], w0[:, :3] / 2.0)
     assert torch.allclose(w1[:, 3:], w0[:, 3:] / 4.0)
@@ -189,7 +189,7 @@ def test_uncalibrated_use_is_an_error():
     with pytest.raises(CalibrationError, match="not calibrated"):
         f(x)
     with pytest.raises(CalibrationError, match="uncalibrated"):
-        f.equalizer.fold()
+        f.equalizer.fold(f.fold_target())
     f.equalizer.set_mode("fold")
     with pytest.raises(CalibrationError, match="not calibrated"):
         f(x)
@@ -262,4 +262,6 @@ def test_streaming_sums_match_pooled_stats():
 def test_conv_bn_relu_fusion_block_is_default():
     f = Fusion([4, 4], 8)
     assert isinstance(f.fuse, ConvBNReLU)
-    assert f.equalizer._target[0] is f.fuse.conv and f.equalizer._target[1] is f.fuse.bn
+    target = f.fold_target()  # looked up when asked, not held by the equalizer
+    assert target.conv is f.fuse.conv and target.norm is f.fuse.bn and target.pointwise is None
+    assert not any(isinstance(v, nn.Module) for v in vars(f.equalizer).values() if not isinstance(v, dict))
