@@ -109,4 +109,17 @@ def test_visualize_stacks_prediction_ground_truth_and_legend():
     assert {tuple(int(v) for v in pal[k]) for k in (0, 1, 2)} <= colours
     assert tuple(int(v) for v in pal[3]) not in colours
     no_label = task.visualize({"raw_image": raw, "image": raw.float()}, pred)
-    assert 24 < no_label.shape[2] < 24 + legend_h  # one row of pictures; a legend of classes 0 and 1 only
+    assert no_label.shape[2] == 24 + legend_h  # the legend's height depends on the width and class count only
+    other = task.visualize({"raw_image": raw, "image": raw.float()}, torch.full_like(pred, 4))
+    assert other.shape == no_label.shape
+
+
+def test_legend_has_a_fixed_number_of_slots():
+    from densefuse_tasks.seg.visualize import legend
+
+    pal, names = palette_for(30), [f"c{i}" for i in range(30)]
+    few = legend([0, 1], names, pal, 240, slots=6)
+    many = legend(list(range(20)), names, pal, 240, slots=6)
+    assert few.shape == many.shape == (3, 3 * 14 + 2, 240)  # two entries per row, three rows
+    colours = {tuple(c) for c in many.reshape(3, -1).T.tolist()}
+    assert {tuple(pal[k]) for k in range(5)} <= colours and tuple(pal[5]) not in colours  # 5 swatches + "+15 more"

@@ -20,6 +20,9 @@ from .metrics import SegMetrics
 from .palettes import class_names_for, palette_for
 from .visualize import legend, overlay, palette_png, present_classes, save_png
 
+#: At most this many classes in a picture's legend (the last entry counts the rest).
+LEGEND_SLOTS = 12
+
 #: ``data.type`` -> accepted ``data.kwargs``
 DATASET_KWARGS: dict[str, tuple[str, ...]] = {
     "synthetic": ("num_train", "num_val", "size", "num_classes", "seed"),
@@ -169,12 +172,13 @@ class SegTask(Task):
     def _num_classes(self, *maps: Optional[Tensor]) -> int:
         n = int((self.cfg.get("model") or {}).get("num_classes", 0) or 0)
         seen = present_classes(*maps)
-        return max(n, (seen[-1] + 1) if seen else 1)
+        return max(n, (max(seen) + 1) if seen else 1)
 
     def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor, alpha: Optional[float] = None) -> Tensor:
         """uint8 (B,3,H',W) pictures: the input blended with the palette colours of ``prediction``, below
         it the same for the ground truth when the batch has ``label``, and a legend of the classes
-        shown (the same strip for every sample, so pictures of a batch have one size)."""
+        shown, most frequent first (the same strip for every sample of the batch; its height depends
+        only on the width and the number of classes, so pictures of one size stack into a grid)."""
         if prediction.ndim == 4:
             prediction = prediction.argmax(1)
         alpha = float(self._section()["overlay_alpha"]) if alpha is None else alpha
@@ -190,7 +194,8 @@ class SegTask(Task):
         rows = [overlay(raw, prediction, pal, alpha)]
         if label is not None:
             rows.append(overlay(raw, label.to(prediction.device), pal, alpha))
-        strip = legend(present_classes(prediction, label), self._names(n), pal, prediction.shape[-1])
+        strip = legend(present_classes(prediction, label), self._names(n), pal, prediction.shape[-1],
+                       slots=min(n, LEGEND_SLOTS))
         rows.append(strip.to(prediction.device).unsqueeze(0).expand(prediction.shape[0], -1, -1, -1))
         return torch.cat(rows, dim=-2)
 

@@ -55,30 +55,39 @@ def overlay(image: Tensor, classes: Tensor, palette: Palette, alpha: float = 0.5
     return blended.round().clamp(0, 255).to(torch.uint8)
 
 
-def legend(class_ids: Sequence[int], names: Sequence[str], palette: Palette, width: int) -> Tensor:
-    """A (3,h,width) uint8 strip: one swatch and name per class id, as many per row as fit."""
+def legend(class_ids: Sequence[int], names: Sequence[str], palette: Palette, width: int, slots: Optional[int] = None) -> Tensor:
+    """A (3,h,width) uint8 strip: one swatch and name per class id, as many per row as fit.
+
+    ``slots`` fixes the number of entries the strip has room for (so strips of different predictions
+    have one height); when more classes are given, the last slot says how many were left out."""
     items = [(int(c), names[c].strip() if c < len(names) else f"class {c}") for c in class_ids]
+    slots = max(1, slots if slots is not None else len(items))
+    if len(items) > slots:
+        items = items[: slots - 1] + [(-1, f"+{len(items) - slots + 1} more")]
     cell = 110
     per_row = max(1, width // cell)
-    rows = max(1, -(-len(items) // per_row))
+    rows = -(-slots // per_row)
     img = Image.new("RGB", (width, rows * _ROW + 2), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for k, (cid, name) in enumerate(items):
         x, y = (k % per_row) * cell + 2, (k // per_row) * _ROW + 2
-        colour = tuple(int(v) for v in palette[cid]) if cid < len(palette) else (0, 0, 0)
-        draw.rectangle([x, y, x + 10, y + 10], fill=colour, outline=(0, 0, 0))
+        if cid >= 0:
+            colour = tuple(int(v) for v in palette[cid]) if cid < len(palette) else (0, 0, 0)
+            draw.rectangle([x, y, x + 10, y + 10], fill=colour, outline=(0, 0, 0))
         draw.text((x + 14, y), name[:16], fill=(0, 0, 0))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def present_classes(*maps: Optional[Tensor]) -> list[int]:
-    """Sorted class ids (ignore index excluded) present in any of ``maps``."""
-    ids: set[int] = set()
+    """Class ids (ignore index excluded) present in any of ``maps``, the most frequent first."""
+    counts: dict[int, int] = {}
     for m in maps:
         if m is not None:
-            ids |= set(torch.unique(m).tolist())
-    ids.discard(IGNORE_INDEX)
-    return sorted(ids)
+            ids, n = torch.unique(m, return_counts=True)
+            for i, c in zip(ids.tolist(), n.tolist()):
+                counts[i] = counts.get(i, 0) + c
+    counts.pop(IGNORE_INDEX, None)
+    return sorted(counts, key=lambda i: (-counts[i], i))
 
 
 def save_png(picture: Tensor, path: PathLike) -> Path:
