@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .errors import DensefuseError
+from .errors import ConfigError, DataError, DensefuseError
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,6 +33,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str] = None) -> Any:
+    """The resolved config, with every key, type and value checked before any work starts."""
     from .config import load_config
     from .tasks import get_task
 
@@ -40,15 +41,46 @@ def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str]
     cfg = load_config(config, overrides, task_default=default)
     if task is not None and config is not None and cfg["task"] != task:
         raise DensefuseError(f"--task {task} but the config is for task '{cfg['task']}'")
+    _validate(cfg)
     return cfg
 
 
+def _validate(cfg: Any) -> None:
+    """Value checks shared by every command: the device name and the task's own checks."""
+    from .tasks import get_task
+
+    _resolve_device(cfg["device"], check_only=True)
+    get_task(cfg["task"], cfg).validate_config(cfg)
+
+
+def _resolve_device(name: str, check_only: bool = False) -> Any:
+    """``auto`` (CUDA when available, else CPU) or a torch device name; anything else is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device '{name}' is not a device name; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def _to_device(batch: Any, device: Any) -> dict[str, Any]:
+    import torch
+
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 task_opt = click.option("--task", "-t", default=None, help="Task whose default config to use when --config is not given (seg).")
+
+
 def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
     """(cfg, task, model, device) for a checkpoint; its embedded config unless ``--config`` is given."""
     from .config import from_dict
     from .engine.checkpoint import load_checkpoint, load_model_state
-    from .engine.trainer import resolve_device
     from .tasks import get_task
 
     state = load_checkpoint(checkpoint)
@@ -56,10 +88,11 @@ def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[s
         if "config" not in state:
             raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
         cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
+        _validate(cfg)
     else:
         cfg = _load(config, overrides)
     task = get_task(cfg["task"], cfg)
-    device = resolve_device(cfg["device"])
+    device = _resolve_device(cfg["device"])
     model = task.build_model(cfg).to(device)
     load_model_state(model, state, checkpoint)
     return cfg, task, model, device
@@ -86,7 +119,7 @@ def main() -> None:
 def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], work_dir: Optional[str], resume: bool,
           progress: Optional[bool]) -> None:
     """Train a model. Without --config, the task's default config (synthetic data) is used."""
-    from .engine.trainer import Trainer
+    from .engine import Trainer
 
     cfg = _load(config, overrides, task)
     if resume and work_dir is None:
@@ -94,32 +127,59 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
     click.echo(f"work dir: {trainer.work_dir}")
     metrics = trainer.run()
-    shown = {k: round(float(v), 2) for k, v in metrics.items() if "." not in k}
-    click.echo(f"final: {shown}")
+    click.echo(f"final: { {k: round(float(v), 2) for k, v in metrics.items()} }")
+
+
+class _KeepMetric:
+    """A task that remembers the metric ``evaluate`` creates, so ``eval --out`` can write its tables
+    while evaluation runs through the same code as the trainer's."""
+
+    def __init__(self, task: Any) -> None:
+        self._task = task
+        self.last_metric: Any = None
+
+    def metric(self, cfg: Any) -> Any:
+        self.last_metric = self._task.metric(cfg)
+        return self.last_metric
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
 
 
 @main.command("eval")
 @config_opt
 @click.option("--checkpoint", "-k", required=True, type=str, help="Checkpoint (.pth) to evaluate.")
 @set_opt
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as CSV here.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the summary as CSV here, and each detail table (e.g. per-class IoU) next to it as <name>_<table>.csv.")
 @_friendly
 def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...], out: Optional[str]) -> None:
     """Evaluate a checkpoint on the validation split. Without --config, the checkpoint's own config is used."""
     import pandas as pd
 
     from .data.loader import build_loader
-    from .engine.trainer import evaluate
+    from .engine import evaluate
 
+    if out:
+        _refuse_overwrite(out)
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
-    metrics = evaluate(model, task, loader, task.build_transform(cfg, train=False), device)
-    scalars = {k: float(v) for k, v in metrics.items()}
-    click.echo(pd.DataFrame([{k: v for k, v in scalars.items() if "." not in k}]).to_markdown(index=False, floatfmt=".2f"))
+    keeper = _KeepMetric(task)
+    summary = evaluate(model, keeper, loader, task.build_transform(cfg, train=False), device)
+    summary = {k: float(v) for k, v in summary.items()}
+    click.echo(pd.DataFrame([summary]).to_markdown(index=False, floatfmt=".2f"))
     if out:
-        _refuse_overwrite(out)
-        pd.DataFrame([scalars]).to_csv(out, index=False)
+        tables = keeper.last_metric.tables() if hasattr(keeper.last_metric, "tables") else {}
+        base = Path(out)
+        paths = {name: base.with_name(f"{base.stem}_{name}.csv") for name in tables}
+        for p in paths.values():
+            _refuse_overwrite(str(p))
+        base.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([summary]).to_csv(base, index=False)
+        for name, table in tables.items():
+            table.to_csv(paths[name], index=False)
+        click.echo(f"wrote {', '.join(str(p) for p in [base, *paths.values()])}")
 
 
 def _refuse_overwrite(path: str) -> None:
@@ -127,43 +187,63 @@ def _refuse_overwrite(path: str) -> None:
         raise DensefuseError(f"{path} already exists; not overwriting it")
 
 
-def _model_and_data(cfg: Any, num_images: Optional[int]) -> tuple[Any, Callable[[int], Any], int]:
-    """The model of ``cfg``, a function ``seed -> calibration batches`` and the number of images to use."""
-    from .engine.trainer import calibration_batches, resolve_device, seed_everything
+def _calibration_batches(task: Any, cfg: Any, dataset: Any, device: Any, seed: int) -> Any:
+    """Training images, normalized but not augmented, in a seeded shuffled order (at least 2 per batch:
+    BN runs in train mode during calibration)."""
+    from .data.loader import build_loader
+
+    c = cfg["calibration"]
+    loader = build_loader(dataset, max(2, c["batch_size"]), train=True, num_workers=cfg["data"]["num_workers"], seed=seed)
+    tf = task.build_transform(cfg, train=False)
+    return (tf(_to_device(b, device)) for b in loader)
+
+
+def _model_and_data(cfg: Any, num_images: Optional[int]) -> tuple[Any, Any, Callable[[int], Any], int]:
+    """The task, the model of ``cfg``, a function ``seed -> calibration batches`` and the number of images."""
+    import torch
+
     from .tasks import get_task
 
-    seed_everything(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
     task = get_task(cfg["task"], cfg)
-    device = resolve_device(cfg["device"])
+    device = _resolve_device(cfg["device"])
     model = task.build_model(cfg).to(device)
     data = task.build_dataset(cfg, cfg["data"]["train_split"])
     n = num_images or cfg["calibration"]["num_images"] or len(data)
-    return model, lambda seed: calibration_batches(task, cfg, data, device, seed), n
+    return task, model, lambda seed: _calibration_batches(task, cfg, data, device, seed), n
+
+
+def _check_num_images(num_images: Optional[int]) -> None:
+    if num_images is not None and num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
 
 
 def _stamp() -> str:
     return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
 
 
+num_images_opt = click.option("--num-images", type=int, default=None, help="Images to use (default calibration.num_images).")
+
+
 @main.command("calibrate")
 @task_opt
 @config_opt
 @set_opt
-@click.option("--num-images", type=int, default=None, help="Images to calibrate on (default calibration.num_images).")
+@num_images_opt
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="CSV path (default work_dirs/<config>/calibration-<time>.csv).")
 @_friendly
 def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], num_images: Optional[int],
                   out: Optional[str]) -> None:
     """Measure the per-branch mean/std at every fusion site and print the calibration table."""
     from .equalizer import calibrate
-    from .tasks import get_task
 
     cfg = _load(config, overrides, task)
-    model, batches, n = _model_and_data(cfg, num_images)
-    table = calibrate(model, batches(cfg["seed"]), num_images=n, forward=get_task(cfg["task"], cfg).forward)
-    click.echo(table.to_markdown(index=False, floatfmt=".4f"))
     path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
     _refuse_overwrite(str(path))
+    _check_num_images(num_images)
+    task_obj, model, batches, n = _model_and_data(cfg, num_images)
+    table = calibrate(model, batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
+    click.echo(table.to_markdown(index=False, floatfmt=".4f"))
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)
     click.echo(f"wrote {path}")
@@ -174,7 +254,7 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
 @config_opt
 @set_opt
 @click.option("--checkpoint", "-k", default=None, help="Inspect a trained checkpoint instead of the initial model.")
-@click.option("--num-images", type=int, default=None, help="Images to measure on (default calibration.num_images).")
+@num_images_opt
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default work_dirs/<config>/inspect-<time>).")
 @_friendly
 def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], checkpoint: Optional[str],
@@ -183,11 +263,13 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     from .engine.checkpoint import load_checkpoint, load_model_state
     from .equalizer import calibrate, equalizers, measure
     from .report import plot_inspection
-    from .tasks import get_task
 
     cfg = _load(config, overrides, task)
-    task_obj = get_task(cfg["task"], cfg)
-    model, batches, n = _model_and_data(cfg, num_images)
+    out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
+    for name in ("inspect.csv", "inspect.png"):
+        _refuse_overwrite(str(out_dir / name))
+    _check_num_images(num_images)
+    task_obj, model, batches, n = _model_and_data(cfg, num_images)
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint), checkpoint)
     eqs = [eq for _, eq in equalizers(model)]
@@ -198,15 +280,12 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
             eq.set_mode("explicit")
     # other images than the calibration's
     table = measure(model, batches(cfg["seed"] + 1), num_images=n, forward=task_obj.forward)
-    cols = ["site", "branch", "channels", "ratio_h", "std", "std_after", "mean", "mean_after"]
+    cols = [c for c in ["site", "branch", "channels", "ratio_h", "std", "std_after", "mean", "mean_after"] if c in table]
     click.echo(table[cols].to_markdown(index=False, floatfmt=".3f"))
     for site, g in table.groupby("site", sort=False):
         click.echo(f"{site}: std max/min before {g['std'].max() / g['std'].min():.2f}, "
                    f"after {g['std_after'].max() / g['std_after'].min():.2f}")
-    out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("inspect.csv", "inspect.png"):
-        _refuse_overwrite(str(out_dir / name))
     table.to_csv(out_dir / "inspect.csv", index=False)
     plot_inspection(table, out_dir / "inspect.png")
     click.echo(f"wrote {out_dir / 'inspect.csv'} and {out_dir / 'inspect.png'}")
@@ -216,18 +295,43 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
+    """Image files named or found (not recursively) in the named folders, each once."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
             paths.append(p)
         else:
-            raise DensefuseError(f"input not found: {item}")
+            raise DataError(f"input not found: {item}")
     if not paths:
-        raise DensefuseError("no input images found")
-    return paths
+        raise DataError(f"no input images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(inputs)}")
+    unique = list({q.resolve(): q for q in paths}.values())
+    return unique
+
+
+def output_stems(paths: list[Path]) -> list[Path]:
+    """A distinct relative output stem per input: the path below the inputs' common folder without its
+    suffix (``a/x.png`` and ``b/x.png`` -> ``a/x``, ``b/x``); inputs that would still share a stem keep
+    their suffix in it (``a/x.png``, ``a/x.jpg`` -> ``a/x_png``, ``a/x_jpg``). A clash left after that
+    is refused before anything is written."""
+    import os
+
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    rel = [r.relative_to(root) for r in resolved]
+    plain = [r.with_suffix("") for r in rel]
+    counts: dict[Path, int] = {}
+    for s in plain:
+        counts[s] = counts.get(s, 0) + 1
+    stems = [s if counts[s] == 1 else s.with_name(f"{s.name}_{r.suffix.lstrip('.').lower()}") for s, r in zip(plain, rel)]
+    seen: dict[Path, Path] = {}
+    for stem, src in zip(stems, paths):
+        if stem in seen:
+            raise DataError(f"inputs {seen[stem]} and {src} would both write predictions named {stem}; rename one")
+        seen[stem] = src
+    return stems
 
 
 @main.command("predict")
@@ -239,62 +343,95 @@ def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
 @_friendly
 def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str], overrides: tuple[str, ...],
                 out_dir: str) -> None:
-    """Predict on image files or folders: <name>.png (class ids / prediction) and <name>_vis.png per image."""
-    import numpy as np
+    """Predict on image files or folders; the task writes each image's files (seg: <name>.png, a palette
+    PNG of class ids, and <name>_vis.png). Names mirror the inputs' folders; nothing is overwritten."""
+    import shutil
+    import tempfile
+
     import torch
-    from PIL import Image
 
     from .data.io import read_image
-    from .engine.trainer import to_device
 
     paths = _image_paths(inputs)
+    stems = output_stems(paths)
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     model.eval()
     out = Path(out_dir)
-    targets = [(out / f"{p.stem}.png", out / f"{p.stem}_vis.png") for p in paths]
-    for pair in targets:
-        for t in pair:
-            _refuse_overwrite(str(t))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    transform = task.build_transform(cfg, train=False)
-    with torch.no_grad():
-        for path, (pred_path, vis_path) in zip(paths, targets):
-            batch = transform(to_device({"image": read_image(path)[None]}, device))
-            pred = task.predict(task.forward(model, batch))
-            vis = task.visualize(batch, pred)[0].permute(1, 2, 0).cpu().numpy()
-            Image.fromarray(vis).save(vis_path)
-            p = pred[0].squeeze(0).cpu()
-            if p.dtype.is_floating_point or int(p.max()) > 255:  # e.g. depth: 16-bit PNG in 1/256 units
-                Image.fromarray((p.float() * 256).clamp(0, 65535).numpy().astype(np.uint16)).save(pred_path)
-            else:
-                Image.fromarray(p.numpy().astype(np.uint8)).save(pred_path)
-    click.echo(f"wrote {2 * len(paths)} files to {out}")
+    # everything is written to a staging folder first and moved into place only when every image
+    # succeeded and no target exists, so a failure or a clash leaves the user's files as they were
+    staging = Path(tempfile.mkdtemp(prefix=".densefuse-predict-", dir=out))
+    try:
+        transform = task.build_transform(cfg, train=False)
+        written: list[Path] = []
+        with torch.no_grad():
+            for path, stem in zip(paths, stems):
+                image = read_image(path)
+                batch = transform(_to_device({"image": image[None]}, device))
+                prediction = task.predict(task.forward(model, batch))
+                (staging / stem).parent.mkdir(parents=True, exist_ok=True)
+                written += task.save_prediction(prediction[0].cpu(), staging / stem, image=image)
+        targets = [out / p.relative_to(staging) for p in written]
+        for t in targets:
+            _refuse_overwrite(str(t))
+        for src, dst in zip(written, targets):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            src.replace(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    click.echo(f"wrote {len(targets)} files for {len(paths)} images to {out}")
 
 
-def _csv_list(value: str, kind: type) -> list:
+def _csv_list(value: str, kind: type, what: str) -> list:
     try:
         return [kind(v.strip()) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise DensefuseError(f"expected a comma-separated list of {kind.__name__}, got '{value}'") from None
+        raise ConfigError(f"{what}: expected a comma-separated list of {kind.__name__}, got '{value}'") from None
+
+
+def _config_list(configs: tuple[str, ...]) -> list[Optional[str]]:
+    """``--config`` values: repeated, comma-separated, or a ``.txt`` file listing one config per line."""
+    names: list[Optional[str]] = []
+    for item in configs:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            if part.endswith(".txt"):
+                listing = Path(part)
+                if not listing.is_file():
+                    raise ConfigError(f"config list not found: {part}")
+                names += [ln.strip() for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            else:
+                names.append(part)
+    return names or [None]
 
 
 @main.command("compare")
 @task_opt
-@config_opt
+@click.option("--config", "-c", "configs", multiple=True, help="Config(s) to compare: repeat, separate by commas, or a .txt list.")
 @set_opt
-@click.option("--modes", default="off,explicit", show_default=True, help="Equalizer modes to compare (first = baseline).")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds per mode.")
-@click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Root of the runs (default work_dirs/<config>_compare).")
+@click.option("--modes", default="off,explicit", show_default=True, help="Equalizer modes (first = baseline).")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds per mode (the paper uses 5).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Root of the runs; finished runs there are reused (default work_dirs/compare).")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep every run's checkpoints (default: only what the table needs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @_friendly
-def compare_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], modes: str, seeds: str,
-                work_dir: Optional[str], progress: Optional[bool]) -> None:
-    """The paper's comparison: the same model with and without scale EQ over several seeds, one table."""
+def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[str, ...], modes: str, seeds: str,
+                work_dir: Optional[str], keep_checkpoints: bool, progress: Optional[bool]) -> None:
+    """The paper's comparison: each config with and without scale EQ over several seeds, one table.
+    Re-running with the same --work-dir reuses finished runs (add seeds or configs to extend it)."""
     from .engine.compare import compare, format_summary
 
-    cfg = _load(config, overrides, task)
-    runs, summary = compare(cfg, _csv_list(modes, str), _csv_list(seeds, int), Path(work_dir) if work_dir else None,
-                            progress=progress, log=click.echo)
+    mode_list, seed_list = _csv_list(modes, str, "--modes"), _csv_list(seeds, int, "--seeds")
+    cfgs = [_load(c, overrides, task) for c in _config_list(configs)]
+    runs, summary = compare(cfgs, mode_list, seed_list, Path(work_dir) if work_dir else None,
+                            keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo)
     click.echo(runs.to_markdown(index=False, floatfmt=".2f"))
     click.echo()
     click.echo(format_summary(summary))

@@ -21,6 +21,10 @@ from densefuse.data import (
     scale_crop,
 )
 from densefuse.errors import ConfigError, DataError
+from densefuse.tasks import DenseKey
+
+#: a seg batch with a depth-like nearest map besides the label
+KEYS = {"label": DenseKey("nearest", 255), "depth": DenseKey("nearest", 0)}
 
 # --------------------------------------------------------------------------------------------------
 # helpers writing tiny datasets in the official layouts
@@ -278,10 +282,10 @@ def _batch(b=3, h=20, w=24, seed=0):
 
 def test_scale_crop_identity_and_exact_nearest():
     b = _batch()
-    out = scale_crop(b, torch.ones(3), torch.zeros(3, 2))
+    out = scale_crop(b, torch.ones(3), torch.zeros(3, 2), keys=KEYS)
     assert torch.equal(out["label"], b["label"]) and torch.equal(out["depth"], b["depth"])
     assert torch.allclose(out["image"], b["image"].float(), atol=0.01)
-    out = scale_crop(b, torch.full((3,), 2.0), torch.tensor([[0.0, 0.0], [4.0, 6.0], [20.0, 24.0]]))
+    out = scale_crop(b, torch.full((3,), 2.0), torch.tensor([[0.0, 0.0], [4.0, 6.0], [20.0, 24.0]]), keys=KEYS)
     up = b["label"].repeat_interleave(2, 1).repeat_interleave(2, 2)
     assert torch.equal(out["label"][0], up[0, :20, :24])
     assert torch.equal(out["label"][1], up[1, 4:24, 6:30])
@@ -290,7 +294,7 @@ def test_scale_crop_identity_and_exact_nearest():
 
 def test_scale_crop_pads_label_255_depth_0_image_fill():
     b = _batch()
-    out = scale_crop(b, torch.full((3,), 0.5), torch.zeros(3, 2), fill=(10.0, 20.0, 30.0))
+    out = scale_crop(b, torch.full((3,), 0.5), torch.zeros(3, 2), keys=KEYS, image_fill=(10.0, 20.0, 30.0))
     assert (out["label"][:, 10:] == 255).all() and (out["label"][:, :, 12:] == 255).all()
     assert (out["depth"][..., 10:, :] == 0).all() and (out["depth"][..., :, 12:] == 0).all()
     assert torch.allclose(out["image"][:, :, 12:, 14:], torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1))
@@ -302,7 +306,7 @@ def test_augmentation_keeps_label_and_depth_values_exact():
     torch.manual_seed(0)
     b = _batch(b=6)
     aug = build_augmentation([123.675, 116.28, 103.53], [58.395, 57.12, 57.375], size=(16, 16),
-                             scale_range=(0.5, 2.0), flip=True, photometric=True)
+                             scale_range=(0.5, 2.0), flip=True, photometric=True, keys=KEYS)
     for _ in range(3):
         out = aug(b)
         assert out["image"].shape == (6, 3, 16, 16) and out["image"].dtype == torch.float32
@@ -318,7 +322,7 @@ def test_augmentation_keeps_label_and_depth_values_exact():
 
 def test_flip_and_normalize():
     b = _batch(b=2)
-    out = hflip(b, torch.tensor([True, False]))
+    out = hflip(b, torch.tensor([True, False]), KEYS)
     assert torch.equal(out["label"][0], b["label"][0].flip(-1)) and torch.equal(out["label"][1], b["label"][1])
     assert torch.equal(out["depth"][0], b["depth"][0].flip(-1))
     n = normalize(b, [100.0, 0.0, 50.0], [2.0, 1.0, 5.0])
@@ -326,18 +330,22 @@ def test_flip_and_normalize():
     assert torch.equal(n["raw_image"], b["image"])
     assert torch.equal(n["label"], b["label"])
     task = SegTask()
-    ev = task.build_transform(merge(DEFAULTS, {}), train=False)(b)
+    ev = task.build_transform(merge(DEFAULTS, {}), train=False)(b)  # normalize alone moves no dense key
     assert ev["image"].abs().max() < 3 and torch.equal(ev["raw_image"], b["image"])
 
 
 def test_task_train_transform_and_visualize():
     cfg = merge(DEFAULTS, {"model": {"num_classes": 150}, "data": {"crop_size": [12, 16]}})
     task = SegTask(cfg)
-    out = task.build_transform(cfg, train=True)(_batch())
+    batch = _batch()
+    del batch["depth"]  # not a seg key: the seg transform would refuse to leave it behind
+    out = task.build_transform(cfg, train=True)(batch)
     assert out["image"].shape == (3, 3, 12, 16) and out["raw_image"].shape == (3, 3, 12, 16)
     pred = torch.randint(0, 150, (3, 12, 16))
-    vis = task.visualize(out, pred)
-    assert vis.dtype == torch.uint8 and vis.shape == (3, 3, 12, 16)
+    vis = task.visualize(out, pred)  # prediction row, ground-truth row, legend strip
+    assert vis.dtype == torch.uint8 and vis.shape[:2] == (3, 3) and vis.shape[-1] == 16 and vis.shape[2] > 24
+    with pytest.raises(KeyError, match="'depth'"):
+        task.build_transform(cfg, train=True)(_batch())
     with pytest.raises(ConfigError, match="scale_range"):
         bad = merge(cfg, {"data": {"augment": {"scale_range": [2.0, 0.5]}}})
         task.build_transform(bad, train=True)
@@ -351,7 +359,7 @@ def test_random_crop_pad_fixed_size_and_padding():
     g = torch.Generator().manual_seed(0)
     sample = {"image": torch.randint(0, 256, (3, 5, 30), dtype=torch.uint8), "label": torch.randint(0, 4, (5, 30)),
               "depth": torch.rand(1, 5, 30) + 1, "name": "x"}
-    crop = RandomCropPad((8, 10), fill=[1, 2, 3], generator=g)
+    crop = RandomCropPad((8, 10), KEYS, fill=[1, 2, 3], generator=g)
     seen = set()
     for _ in range(10):
         out = crop(sample)

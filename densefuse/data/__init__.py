@@ -1,21 +1,31 @@
-"""Data utilities shared by tasks: decoding with clear errors, batch augmentation, samplers."""
+"""Data utilities shared by tasks: decoding with clear errors, dense-key batch augmentation, loaders."""
 from .augment import (
+    SEG_KEYS,
+    Augment,
+    GeometricOp,
     Normalize,
+    Op,
     PhotoMetricDistortion,
     RandomHorizontalFlip,
     RandomScaleCrop,
     build_augmentation,
+    dense_items,
     hflip,
     normalize,
     scale_crop,
 )
 from .io import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
-from .loader import InfiniteSampler, RandomCropPad, ShardSampler, build_loader, pad_to
+from .loader import InfiniteSampler, Loader, RandomCropPad, ShardSampler, build_loader, pad_to
 
 __all__ = [
     "IGNORE_INDEX",
+    "SEG_KEYS",
+    "Augment",
+    "GeometricOp",
     "InfiniteSampler",
+    "Loader",
     "Normalize",
+    "Op",
     "PhotoMetricDistortion",
     "RandomCropPad",
     "RandomHorizontalFlip",
@@ -25,6 +35,7 @@ __all__ = [
     "build_loader",
     "check_label",
     "check_same_size",
+    "dense_items",
     "hflip",
     "normalize",
     "pad_to",

@@ -58,11 +58,13 @@ def read_label(path: PathLike) -> Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def check_label(label: Tensor, num_classes: int, path: PathLike = "<label>", ignore_index: int = IGNORE_INDEX) -> Tensor:
+def check_label(label: Tensor, num_classes: int, path: PathLike = "<label>", ignore_index: int = IGNORE_INDEX,
+                note: str = "") -> Tensor:
     """Return ``label`` if every value is in ``[0, num_classes)`` or ``ignore_index``; else a DataError.
 
-    The message names the file and up to ten offending values, e.g. a VOC label with an unreduced
-    class id or an ADE label read without ``reduce_zero_label``.
+    Call it on the values as stored in the file (before any remapping such as ``reduce_zero_label``),
+    so the message names the file and up to ten of *its* offending values; ``note`` explains a
+    remapping in the message.
     """
     bad = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
     if bool(bad.any()):
@@ -70,7 +72,7 @@ def check_label(label: Tensor, num_classes: int, path: PathLike = "<label>", ign
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise DataError(
             f"label file {path} has values outside [0, {num_classes}) and not the ignore index "
-            f"{ignore_index}: {shown}"
+            f"{ignore_index}: {shown}{f' ({note})' if note else ''}"
         )
     return label
 

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Optional, Sequence, Sized, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Sized, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .io import IGNORE_INDEX
+from ..errors import DensefuseError
+from ..tasks import DenseKey
+from .augment import SEG_KEYS, dense_items
 
 
 def _dist_info() -> tuple[int, int]:
@@ -98,6 +100,71 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class _UserError:
+    """A user error raised in a DataLoader worker, carried back to the main process as data.
+
+    torch re-raises worker exceptions with the worker's traceback pasted into the message; a
+    :class:`DensefuseError` is an answer for the user (a corrupt file named in one line), so it travels
+    as this marker instead and :class:`Loader` raises it again as itself."""
+
+    def __init__(self, error: DensefuseError) -> None:
+        self.type, self.message = type(error), str(error)
+
+    def raise_(self) -> None:
+        raise self.type(self.message)
+
+
+class _CatchUserErrors(Dataset):
+    """``dataset[i]``, or a :class:`_UserError` when reading the sample raised a DensefuseError."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, samples, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except DensefuseError as e:
+            return _UserError(e)
+
+
+class _Collate:
+    """The collate function, passing a worker's :class:`_UserError` through instead of collating."""
+
+    def __init__(self, collate_fn: Callable[[list], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list) -> Any:
+        for s in samples:
+            if isinstance(s, _UserError):
+                return s
+        return self.collate_fn(samples)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose user errors (:class:`DensefuseError` from reading a sample, also in worker
+    processes) reach the caller as themselves, with their own one-line message. ``dataset`` is the
+    dataset that was passed in."""
+
+    def __init__(self, dataset: Dataset, *args: Any, collate_fn: Optional[Callable[[list], Any]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(_CatchUserErrors(dataset), *args, collate_fn=_Collate(collate_fn or default_collate), **kwargs)
+        self.source = dataset
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, _UserError):
+                batch.raise_()
+            yield batch
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -115,7 +182,7 @@ def build_loader(
     else:
         sampler = ShardSampler(dataset)
     g = torch.Generator().manual_seed(int(seed) + _dist_info()[0])
-    return DataLoader(
+    return Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -137,7 +204,7 @@ def pad_to(x: Tensor, size: Sequence[int], value: Union[float, Sequence[float]])
     if ph == 0 and pw == 0:
         return x
     if isinstance(value, (int, float)):
-        return F.pad(x, (0, pw, 0, ph), value=value)
+        return F.pad(x, (0, pw, 0, ph), value=int(value) if not x.dtype.is_floating_point else float(value))
     fill = torch.as_tensor(value, dtype=x.dtype).view(-1, 1, 1)
     out = fill.expand(x.shape[0], x.shape[1] + ph, x.shape[2] + pw).clone()
     out[:, : x.shape[1], : x.shape[2]] = x
@@ -146,23 +213,26 @@ def pad_to(x: Tensor, size: Sequence[int], value: Union[float, Sequence[float]])
 
 class RandomCropPad:
     """Per-sample CPU transform: a random ``crop_size`` window, padded bottom/right when the image is
-    smaller (image ``fill``, one value or one per channel; label ``ignore_index``; depth 0), so a batch
-    collates to fixed-size tensors. Leave ``generator`` unset with DataLoader workers (each worker
-    would get a copy of it and draw the same crops); workers seed torch's global RNG themselves.
+    smaller, so a batch collates to fixed-size tensors. The image is padded with ``fill`` (one value or
+    one per channel) and every dense key of ``keys`` (the task's table, default labels -> 255) with its
+    own fill. Leave ``generator`` unset with DataLoader workers (each worker would get a copy of it and
+    draw the same crops); workers seed torch's global RNG themselves.
 
-    Works on a sample dict with ``image`` (3,H,W), optional ``label`` (H,W) and ``depth`` (1,H,W);
-    other keys pass through. mmseg's ``cat_max_ratio`` re-drawing is not implemented.
+    Works on a sample dict with ``image`` (3,H,W) and dense keys (H,W) or (C,H,W); other keys pass
+    through, and a per-pixel tensor the table does not declare is an error. mmseg's ``cat_max_ratio``
+    re-drawing is not implemented here.
     """
 
     def __init__(
         self,
         crop_size: Sequence[int],
-        ignore_index: int = IGNORE_INDEX,
+        keys: Optional[Mapping[str, DenseKey]] = None,
         fill: Union[float, Sequence[float]] = 0,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
-        self.ignore_index, self.fill, self.generator = ignore_index, fill, generator
+        self.keys = dict(SEG_KEYS if keys is None else keys)
+        self.fill, self.generator = fill, generator
 
     def __call__(self, sample: dict) -> dict:
         ch, cw = self.crop_size
@@ -170,11 +240,12 @@ class RandomCropPad:
         y0 = int(torch.randint(0, max(H - ch, 0) + 1, (1,), generator=self.generator))
         x0 = int(torch.randint(0, max(W - cw, 0) + 1, (1,), generator=self.generator))
         out = dict(sample)
-        for key, value in (("image", self.fill), ("label", self.ignore_index), ("depth", 0)):
-            if key in sample:
-                x = sample[key][..., y0:y0 + ch, x0:x0 + cw]
-                out[key] = pad_to(x, self.crop_size, value).contiguous()
+        fills: list[tuple[str, Union[float, Sequence[float]]]] = [("image", self.fill)]
+        fills += [(name, spec.fill) for name, spec in dense_items(sample, self.keys)]
+        for key, value in fills:
+            x = sample[key][..., y0:y0 + ch, x0:x0 + cw]
+            out[key] = pad_to(x, self.crop_size, value).contiguous()
         return out
 
     def __repr__(self) -> str:
-        return f"RandomCropPad(crop_size={self.crop_size}, ignore_index={self.ignore_index}, fill={self.fill})"
+        return f"RandomCropPad(crop_size={self.crop_size}, keys={list(self.keys)}, fill={self.fill})"

@@ -1,83 +1,211 @@
-"""The paper's comparison: one config trained with and without scale equalization over several seeds."""
+"""The paper's comparison: configs trained without and with scale equalization over several seeds.
+
+Each (config, equalizer mode, seed) is one training run under ``root/<config name>/<mode>_seed<k>/``.
+A run is *finished* when its ``result.json`` exists (written last, atomically): a later ``compare``
+over the same root reuses it instead of training again, so a comparison can be interrupted and
+resumed, or extended with more seeds or configs. A run trains in a hidden ``.<mode>_seed<k>.partial-*``
+directory that is renamed into place only when it finished; a failed or interrupted run therefore
+never leaves a directory that blocks its re-run (stale partial directories are removed on the next
+call). Checkpoints are deleted once a run finished unless ``keep_checkpoints`` is set: the table needs
+only the final metrics.
+
+The summary follows the paper's tables (Tables 2/3): one row per config (and metric), columns
+``w/o EQ`` and ``w/ EQ`` as mean ± std over seeds, and the difference of the means, using the task's
+primary metric and its direction.
+"""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 
 from ..config import Config
 from ..equalizer import MODES
 from ..errors import ConfigError
-from .trainer import Trainer
+from ..tasks import task_class
+
+#: The paper's number of seeds per setting.
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+RESULT = "result.json"
+MODE_LABELS = {"off": "w/o EQ", "explicit": "w/ EQ", "fold": "w/ EQ (fold)"}
 
 
-def compare(
-    cfg: Config,
-    modes: Sequence[str] = ("off", "explicit"),
-    seeds: Sequence[int] = (0, 1, 2),
-    root: Optional[Path] = None,
-    progress: Optional[bool] = False,
-    log: Callable[[str], None] = print,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train ``cfg`` once per (equalizer mode, seed) under ``root/<mode>_seed<k>/``.
+def run_config(cfg: Config, mode: str, seed: int) -> Config:
+    """``cfg`` with the equalizer ``mode`` and ``seed`` of one run (a copy)."""
+    run = copy.deepcopy(cfg)
+    run["model"]["equalizer"]["mode"] = mode
+    run["seed"] = int(seed)
+    return run
 
-    Returns ``(runs, summary)``: one row per run with its final metrics, and per mode the mean and
-    std over seeds of every metric plus its difference to the first mode (the baseline). Both are
-    also written to ``root`` as CSV.
-    """
+
+def _plain(cfg: Mapping[str, Any]) -> dict:
+    return json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)))
+
+
+def _read_result(run_dir: Path) -> Optional[dict]:
+    path = run_dir / RESULT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}); delete that run directory to train it again") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _check_inputs(configs: Sequence[Config], modes: Sequence[str], seeds: Sequence[int]) -> None:
+    if not configs:
+        raise ConfigError("compare needs at least one config")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown equalizer mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
-    if not modes or not seeds:
-        raise ConfigError("compare needs at least one mode and one seed")
-    root = Path(root) if root is not None else Path(cfg.get("work_dir") or "work_dirs") / f"{cfg['name']}_compare"
-    taken = [p for p in (root / f"{m}_seed{s}" for m in modes for s in seeds) if (p / "config.yaml").exists()]
-    if taken:
-        raise ConfigError(f"{taken[0]} already holds a run; choose another --work-dir")
+    if len(modes) < 2 or len(set(modes)) != len(modes):
+        raise ConfigError(f"compare needs a baseline mode and at least one other, each once; got {', '.join(modes) or 'none'}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare needs at least one seed, each once; got {', '.join(map(str, seeds)) or 'none'}")
+    names = [str(c["name"]) for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"two configs are named '{dup[0]}'; give them different 'name' keys")
+
+
+def compare(
+    configs: Sequence[Config],
+    modes: Sequence[str] = ("off", "explicit"),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    root: Optional[Path] = None,
+    keep_checkpoints: bool = False,
+    progress: Optional[bool] = False,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every config once per (equalizer mode, seed), reusing finished runs under ``root``.
+
+    Returns ``(runs, summary)``: one row per run (config, mode, seed, reused, its summary metrics) and
+    :func:`summarize`'s table. Both are written to ``root`` as ``runs.csv`` and ``summary.csv``.
+    ``root`` defaults to ``work_dirs/compare`` (or ``work_dirs/<name>_compare`` for a single config).
+    """
+    from . import Trainer  # the trainer pulls in the data stack; only needed to train
+
+    configs = list(configs)
+    _check_inputs(configs, modes, seeds)
+    for cfg in configs:
+        task_class(cfg["task"])  # an unknown task fails before anything trains
+    if root is None:
+        base = Path(configs[0].get("work_dir") or "work_dirs")
+        root = base / (f"{configs[0]['name']}_compare" if len(configs) == 1 else "compare")
+    root = Path(root)
     rows = []
-    for mode in modes:
-        for seed in seeds:
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg["model"]["equalizer"]["mode"] = mode
-            run_cfg["seed"] = int(seed)
-            run_dir = root / f"{mode}_seed{seed}"
-            log(f"[{mode}, seed {seed}] -> {run_dir}")
-            metrics = Trainer(run_cfg, run_dir, progress=progress, log=lambda _msg: None).run()
-            rows.append({"mode": mode, "seed": int(seed), **{k: float(v) for k, v in metrics.items() if "." not in k}})
+    for cfg in configs:
+        cfg_root = root / str(cfg["name"])
+        cfg_root.mkdir(parents=True, exist_ok=True)
+        for stale in cfg_root.glob(".*.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for mode in modes:
+            for seed in seeds:
+                run_cfg = run_config(cfg, mode, seed)
+                run_dir = cfg_root / f"{mode}_seed{seed}"
+                result = _read_result(run_dir)
+                if result is None and run_dir.exists():
+                    raise ConfigError(f"{run_dir} exists but holds no finished compare run ({RESULT} missing); "
+                                      f"move it away or choose another --work-dir")
+                reused = result is not None
+                if reused:
+                    if result.get("config") != _plain(run_cfg):
+                        raise ConfigError(f"{run_dir} holds a finished run of different settings; "
+                                          f"choose another --work-dir to compare these")
+                    log(f"[{cfg['name']}, {mode}, seed {seed}] finished before -> reusing {run_dir}")
+                    metrics = result["metrics"]
+                else:
+                    log(f"[{cfg['name']}, {mode}, seed {seed}] -> {run_dir}")
+                    metrics = _train(Trainer, run_cfg, cfg_root, run_dir, keep_checkpoints, progress)
+                rows.append({"config": str(cfg["name"]), "mode": mode, "seed": int(seed), "reused": reused,
+                             **{k: float(v) for k, v in metrics.items()}})
     runs = pd.DataFrame(rows)
-    summary = summarize(runs, baseline=modes[0])
+    summary = summarize(runs, {str(c["name"]): c["task"] for c in configs}, baseline=modes[0])
+    root.mkdir(parents=True, exist_ok=True)
     runs.to_csv(root / "runs.csv", index=False)
-    summary.to_csv(root / "summary.csv")
+    summary.to_csv(root / "summary.csv", index=False)
     return runs, summary
 
 
-def summarize(runs: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFrame:
-    """Per mode: ``<metric>`` mean, ``<metric>_std`` over seeds and ``<metric>_delta`` to ``baseline``."""
-    metrics = [c for c in runs.columns if c not in ("mode", "seed")]
-    order = list(dict.fromkeys(runs["mode"]))
-    grouped = runs.groupby("mode", sort=False)[metrics]
-    mean, std = grouped.mean().loc[order], grouped.std(ddof=1).loc[order]
-    out = pd.DataFrame(index=pd.Index(order, name="mode"))
-    out["seeds"] = runs.groupby("mode", sort=False)["seed"].count().loc[order]
-    base = baseline if baseline is not None else order[0]
-    for m in metrics:
-        out[m] = mean[m]
-        out[f"{m}_std"] = std[m]
-        out[f"{m}_delta"] = mean[m] - mean.loc[base, m]
-    return out
+def _train(trainer_cls: Any, run_cfg: Config, cfg_root: Path, run_dir: Path, keep_checkpoints: bool,
+           progress: Optional[bool]) -> dict[str, float]:
+    """One run in a partial directory, renamed to ``run_dir`` when it finished; removed if it failed."""
+    partial = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.partial-", dir=cfg_root))
+    try:
+        work = partial / "run"
+        metrics = trainer_cls(run_cfg, work, progress=progress, log=lambda _msg: None).run()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not keep_checkpoints:
+            for ckpt in work.glob("*.pth"):
+                ckpt.unlink()
+        _write_json(work / RESULT, {"config": _plain(run_cfg), "metrics": metrics})
+        os.replace(work, run_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return metrics
 
 
-def format_summary(summary: pd.DataFrame, metrics: Optional[Sequence[str]] = None) -> str:
-    """Markdown table with ``mean ± std (delta)`` cells, as in the paper's tables."""
-    names = metrics or [c for c in summary.columns if not c.endswith(("_std", "_delta")) and c != "seeds"]
-    table: dict[str, Any] = {"seeds": summary["seeds"]}
-    for m in names:
-        cells = []
-        for mode in summary.index:
-            sd = summary.loc[mode, f"{m}_std"]
-            sd_txt = f" ± {sd:.2f}" if sd == sd else ""
-            cells.append(f"{summary.loc[mode, m]:.2f}{sd_txt} ({summary.loc[mode, f'{m}_delta']:+.2f})")
-        table[m] = cells
-    return pd.DataFrame(table, index=summary.index).to_markdown()
+def summarize(runs: pd.DataFrame, tasks: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None,
+              metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Per config, metric and mode: mean, std (over seeds, ddof 1) and number of seeds, plus
+    ``delta`` = mean - baseline mean. ``tasks`` maps config -> task name; the metrics default to each
+    task's primary metric (``metrics`` chooses others, e.g. every depth metric)."""
+    order_modes = list(dict.fromkeys(runs["mode"]))
+    base = baseline if baseline is not None else order_modes[0]
+    out = []
+    for config, g in runs.groupby("config", sort=False):
+        task = task_class((tasks or {}).get(config, "seg"))
+        names = list(metrics) if metrics is not None else [task.primary_metric]
+        for metric in names:
+            if metric not in g.columns:
+                raise ConfigError(f"metric '{metric}' is not among the results of {config}: "
+                                  f"{', '.join(c for c in g.columns if c not in ('config', 'mode', 'seed', 'reused'))}")
+            stats = g.groupby("mode", sort=False)[metric].agg(["mean", "std", "count"])
+            for mode in order_modes:
+                if mode not in stats.index:
+                    continue
+                out.append({"config": config, "metric": metric,
+                            "direction": task.metric_direction if metric == task.primary_metric else "",
+                            "mode": mode, "mean": float(stats.loc[mode, "mean"]), "std": float(stats.loc[mode, "std"]),
+                            "seeds": int(stats.loc[mode, "count"]),
+                            "delta": float(stats.loc[mode, "mean"] - stats.loc[base, "mean"]) if base in stats.index else float("nan")})
+    return pd.DataFrame(out)
+
+
+def paper_table(summary: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """The paper's layout: rows = configs (and metrics), columns ``w/o EQ``, ``w/ EQ`` as
+    ``mean ± std`` and ``Δ`` (each equalized mode minus the baseline), as strings."""
+    rows = []
+    for (config, metric), g in summary.groupby(["config", "metric"], sort=False):
+        direction = g["direction"].iloc[0]
+        arrow = {"max": " ↑", "min": " ↓"}.get(direction, "")
+        row: dict[str, Any] = {"config": config, "metric": f"{metric}{arrow}"}
+        modes = list(g["mode"])
+        for k, (_, r) in enumerate(g.iterrows()):
+            label = MODE_LABELS.get(r["mode"], r["mode"])
+            sd = f" ± {r['std']:.{digits}f}" if r["std"] == r["std"] else ""
+            row[label] = f"{r['mean']:.{digits}f}{sd}"
+            if k > 0:
+                suffix = "" if len(modes) == 2 else f" ({label})"
+                row[f"Δ{suffix}"] = f"{r['delta']:+.{digits}f}"
+        row["seeds"] = int(g["seeds"].min())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_summary(summary: pd.DataFrame, digits: int = 2) -> str:
+    """:func:`paper_table` as Markdown."""
+    return paper_table(summary, digits).to_markdown(index=False)

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from densefuse.config import check_kwargs
-from densefuse.data import IGNORE_INDEX, Normalize, RandomCropPad, build_augmentation
+from densefuse.data import IGNORE_INDEX, SEG_KEYS, Normalize, RandomCropPad, build_augmentation
 from densefuse.errors import ConfigError, did_you_mean
 from densefuse.tasks import Task, unwrap_outputs
 
@@ -17,6 +18,10 @@ from .datasets import ADE20K, Cityscapes, PascalVOC, SegDataset, SyntheticSeg, r
 from .loss import SegLoss, aux_weight_from_config, seg_cross_entropy
 from .metrics import SegMetrics
 from .palettes import class_names_for, palette_for
+from .visualize import legend, overlay, palette_png, present_classes, save_png
+
+#: At most this many classes in a picture's legend (the last entry counts the rest).
+LEGEND_SLOTS = 12
 
 #: ``data.type`` -> accepted ``data.kwargs``
 DATASET_KWARGS: dict[str, tuple[str, ...]] = {
@@ -39,7 +44,7 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     check_kwargs("data.kwargs", kwargs, DATASET_KWARGS[kind])
     train = split == data["train_split"]
     crop = data["crop_size"]
-    transform = (RandomCropPad(crop, IGNORE_INDEX, fill=[round(float(m)) for m in data["mean"]])
+    transform = (RandomCropPad(crop, SEG_KEYS, fill=[round(float(m)) for m in data["mean"]])
                  if train else None)
     if kind == "synthetic":
         n = kwargs.get("num_train", 512) if train else kwargs.get("num_val", 64)
@@ -62,34 +67,67 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
 
 
 class SegTask(Task):
-    """Semantic segmentation (labels int64 (B,H,W), 255 ignored; metric mIoU)."""
+    """Semantic segmentation (labels int64 (B,H,W), 255 ignored; metric mIoU, larger is better).
+
+    Config section ``seg``: ``avg_non_ignore`` (CE averaged over non-ignored pixels instead of all
+    pixels, mmseg's option) and ``overlay_alpha`` (opacity of the class colours in pictures).
+    """
 
     name = "seg"
     default_config = "seg/synthetic_upernet_r18"
     primary_metric = "mIoU"
+    metric_direction = "max"
+    dense_keys = SEG_KEYS
+    config_section = {"avg_non_ignore": False, "overlay_alpha": 0.5}
 
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
         return build_seg_dataset(cfg, split)
 
+    def validate_config(self, cfg: Mapping[str, Any]) -> None:
+        """Value checks the type check cannot make (sizes, ranges), before any work starts."""
+        data, model = cfg["data"], cfg["model"]
+        crop = data["crop_size"]
+        if len(crop) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop):
+            raise ConfigError(f"data.crop_size must be [height, width] with two positive integers, got {list(crop)}")
+        for key in ("mean", "std"):
+            v = data[key]
+            if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise ConfigError(f"data.{key} must be three numbers (R, G, B on the 0-255 scale), got {list(v)}")
+        if any(float(x) <= 0 for x in data["std"]):
+            raise ConfigError(f"data.std must be positive, got {list(data['std'])}")
+        if int(model["num_classes"]) < 2:
+            raise ConfigError(f"model.num_classes must be at least 2 for segmentation, got {model['num_classes']}")
+        scale = (data.get("augment") or {}).get("scale_range")
+        if scale is not None and (len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1])):
+            raise ConfigError(f"data.augment.scale_range must be [low, high] with 0 < low <= high, got {list(scale)}")
+        alpha = self._section(cfg)["overlay_alpha"]
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"seg.overlay_alpha must be in [0, 1], got {alpha}")
+
+    def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        cfg = self.cfg if cfg is None else cfg
+        return {**self.config_section, **dict(cfg.get(self.name) or {})}
+
     def build_transform(self, cfg: Mapping[str, Any], train: bool) -> Callable[[dict], dict]:
-        """Train: [photometric] -> random scale-crop to ``data.crop_size`` -> [flip] -> normalize;
-        eval: normalize. The uint8 image (after augmentation) is kept as ``raw_image``."""
+        """Train: [photometric] -> random scale-crop to ``data.crop_size`` -> [flip] -> normalize, moving
+        the image and every dense key of :attr:`dense_keys`; eval: normalize. The uint8 image is kept
+        as ``raw_image`` for pictures."""
         data = cfg["data"]
         if not train:
             return Normalize(data["mean"], data["std"])
+        self.validate_config(cfg)
         aug = data.get("augment") or {}  # keys already validated by densefuse.config
-        scale = aug.get("scale_range", (0.5, 2.0))
-        if scale is not None and (len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1])):
-            raise ConfigError(f"data.augment.scale_range must be [low, high] with 0 < low <= high, got {scale}")
-        return build_augmentation(data["mean"], data["std"], size=data["crop_size"], scale_range=scale,
-                                  flip=bool(aug.get("flip", True)), photometric=bool(aug.get("photometric", False)))
+        return build_augmentation(data["mean"], data["std"], size=data["crop_size"],
+                                  scale_range=aug.get("scale_range", (0.5, 2.0)), flip=bool(aug.get("flip", True)),
+                                  photometric=bool(aug.get("photometric", False)), keys=self.dense_keys)
 
     def _align_corners(self) -> bool:
         return bool((self.cfg.get("model") or {}).get("align_corners", False))
 
     @cached_property
     def _loss(self) -> SegLoss:
-        return SegLoss(aux_weight_from_config(self.cfg), IGNORE_INDEX, align_corners=self._align_corners())
+        return SegLoss(aux_weight_from_config(self.cfg), IGNORE_INDEX,
+                       avg_non_ignore=bool(self._section()["avg_non_ignore"]), align_corners=self._align_corners())
 
     def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """``loss_ce + loss_weight * loss_aux`` (weight from ``model.auxiliary_head.loss_weight``, 0.4);
@@ -105,23 +143,78 @@ class SegTask(Task):
         """Class map (B,H,W) int64 from the logits."""
         return unwrap_outputs(outputs)["out"].argmax(1)
 
-    def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor, alpha: float = 0.5) -> Tensor:
-        """The input blended with the palette colours of ``prediction``: uint8 (B,3,H,W)."""
+    def merge_tta(self, outputs: Sequence[Any], size: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
+        """Merge test-time views (already flipped back) into one output, as mmseg's ``SegTTAModel``:
+        each view's logits are resized bilinearly to ``size`` (default: the first view's size), turned
+        into softmax probabilities and averaged. Returns ``{"out": log(mean probability)}``: log
+        probabilities are logits of the same distribution, so argmax, metric and softmax all still work."""
+        if not outputs:
+            raise ValueError("merge_tta needs at least one view")
+        logits = [unwrap_outputs(o)["out"].float() for o in outputs]
+        target = tuple(int(v) for v in (size if size is not None else logits[0].shape[-2:]))
+        total = None
+        for x in logits:
+            if tuple(x.shape[-2:]) != target:
+                x = nn.functional.interpolate(x, size=target, mode="bilinear", align_corners=self._align_corners())
+            p = x.softmax(1)
+            total = p if total is None else total + p
+        assert total is not None
+        return {"out": (total / len(logits)).clamp_min(1e-12).log()}
+
+    def _palette(self, n: int) -> list[tuple[int, int, int]]:
+        dataset = str((self.cfg.get("data") or {}).get("type", ""))
+        return list(palette_for(max(n, 1), dataset))
+
+    def _names(self, n: int) -> list[str]:
+        dataset = str((self.cfg.get("data") or {}).get("type", ""))
+        return list(class_names_for(n, dataset))
+
+    def _num_classes(self, *maps: Optional[Tensor]) -> int:
+        n = int((self.cfg.get("model") or {}).get("num_classes", 0) or 0)
+        seen = present_classes(*maps)
+        return max(n, (max(seen) + 1) if seen else 1)
+
+    def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor, alpha: Optional[float] = None) -> Tensor:
+        """uint8 (B,3,H',W) pictures: the input blended with the palette colours of ``prediction``, below
+        it the same for the ground truth when the batch has ``label``, and a legend of the classes
+        shown, most frequent first (the same strip for every sample of the batch; its height depends
+        only on the width and the number of classes, so pictures of one size stack into a grid)."""
         if prediction.ndim == 4:
             prediction = prediction.argmax(1)
+        alpha = float(self._section()["overlay_alpha"]) if alpha is None else alpha
         raw = batch.get("raw_image")
         if raw is None:
             img = batch["image"]
             raw = img if img.dtype == torch.uint8 else torch.full_like(img, 128, dtype=torch.uint8)
-        n = int((self.cfg.get("model") or {}).get("num_classes", 0)) or int(prediction.max()) + 1
-        dataset = str((self.cfg.get("data") or {}).get("type", ""))
-        pal = torch.tensor(palette_for(max(n, int(prediction.max()) + 1), dataset), dtype=torch.float32,
-                           device=prediction.device)
-        colour = pal[prediction.long()].permute(0, 3, 1, 2)
-        raw = raw.to(prediction.device).float()
-        if raw.shape[-2:] != colour.shape[-2:]:
-            raw = nn.functional.interpolate(raw, size=colour.shape[-2:], mode="bilinear", align_corners=False)
-        return (raw * (1 - alpha) + colour * alpha).round().clamp(0, 255).to(torch.uint8)
+        label = batch.get("label")
+        if label is not None and label.shape[-2:] != prediction.shape[-2:]:
+            label = nn.functional.interpolate(label[:, None].float(), size=prediction.shape[-2:], mode="nearest")[:, 0].long()
+        n = self._num_classes(prediction, label)
+        pal = self._palette(n)
+        rows = [overlay(raw, prediction, pal, alpha)]
+        if label is not None:
+            rows.append(overlay(raw, label.to(prediction.device), pal, alpha))
+        strip = legend(present_classes(prediction, label), self._names(n), pal, prediction.shape[-1],
+                       slots=min(n, LEGEND_SLOTS))
+        rows.append(strip.to(prediction.device).unsqueeze(0).expand(prediction.shape[0], -1, -1, -1))
+        return torch.cat(rows, dim=-2)
+
+    def save_prediction(self, prediction: Tensor, stem: Union[str, Path], image: Optional[Tensor] = None) -> list[Path]:
+        """Write one sample's class map (H,W) as ``<stem>.png``, a palette PNG whose pixel values are the
+        class ids (viewers show the dataset colours), and with ``image`` (3,H,W uint8) a coloured
+        overlay with legend as ``<stem>_vis.png``. Returns the written paths."""
+        stem = Path(stem)
+        classes = prediction.argmax(0) if prediction.ndim == 3 else prediction
+        classes = classes.detach().cpu().long()
+        n = self._num_classes(classes)
+        pal = self._palette(n)
+        out = stem.with_name(stem.name + ".png")
+        palette_png(classes, pal).save(out)
+        paths = [out]
+        if image is not None:
+            pic = self.visualize({"raw_image": image[None].cpu(), "image": image[None].cpu()}, classes[None])[0]
+            paths.append(save_png(pic, stem.with_name(stem.name + "_vis.png")))
+        return paths
 
 
 __all__ = [

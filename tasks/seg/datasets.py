@@ -3,7 +3,8 @@ their official directory layouts (the same files mmseg reads; nothing is downloa
 
 Every dataset returns ``{"image": uint8 (3,H,W) RGB, "label": int64 (H,W), "name": str}`` with labels
 in ``[0, num_classes)`` or 255 (ignored), then applies its optional per-sample ``transform``
-(:class:`densefuse.data.RandomCropPad` for training splits).
+(:class:`densefuse.data.RandomCropPad` for training splits). Each pair is checked when it is read:
+same height and width, label values (as stored in the file) in range.
 """
 from __future__ import annotations
 
@@ -73,9 +74,12 @@ class SegDataset(Dataset):
         image = read_image(img_path)
         label = read_label(lab_path)
         check_same_size(image, label, img_path, lab_path)
-        if self.reduce_zero_label:
+        if self.reduce_zero_label:  # check the file's own values: 0..num_classes (0 = other) or 255
+            check_label(label, self.num_classes + 1, lab_path,
+                        note=f"with reduce_zero_label the file holds 0 (ignored) and 1..{self.num_classes}")
             label = reduce_zero_label(label)
-        check_label(label, self.num_classes, lab_path)
+        else:
+            check_label(label, self.num_classes, lab_path)
         return {"image": image, "label": label, "name": Path(img_path).stem}
 
     def __getitem__(self, index: int) -> dict:

@@ -41,9 +41,11 @@ class SegMetrics:
         self.class_names = names
         self.align_corners = align_corners
         self.confusion: Optional[Tensor] = None
+        self._reduced: Optional[Tensor] = None
 
     def reset(self) -> None:
         self.confusion = None
+        self._reduced = None
 
     @torch.no_grad()
     def update(self, pred: Any, target: Any) -> None:
@@ -71,12 +73,18 @@ class SegMetrics:
         if p.numel() and (int(p.min()) < 0 or int(p.max()) >= c):
             raise ValueError(f"predicted classes must be in [0, {c})")
         counts = torch.bincount(t * c + p, minlength=c * c).view(c, c)
+        self._reduced = None
         if self.confusion is None:
             self.confusion = torch.zeros(c, c, dtype=torch.int64, device=counts.device)
         self.confusion += counts
 
     def total(self) -> Tensor:
-        """The confusion matrix summed over ranks (a copy; the local one is left alone)."""
+        """The confusion matrix summed over ranks (a copy; the local one is left alone).
+
+        The all-reduce runs once per accumulated state: ``compute()`` and ``tables()`` after it reuse
+        the reduced matrix, so rank 0 may ask for the tables alone without a collective."""
+        if self._reduced is not None:
+            return self._reduced.clone()
         if self.confusion is None:
             conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
             dist = torch.distributed
@@ -84,7 +92,8 @@ class SegMetrics:
                 conf = conf.cuda()  # every rank must join the all-reduce, on the backend's device
         else:
             conf = self.confusion.clone()
-        return all_reduce_(conf).cpu()
+        self._reduced = all_reduce_(conf).cpu()
+        return self._reduced.clone()
 
     @staticmethod
     def _per_class(conf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,29 +108,24 @@ class SegMetrics:
         return iou, acc, gt
 
     def compute(self) -> dict[str, float]:
-        """``mIoU``, ``mAcc``, ``aAcc`` and ``IoU.<class>`` per class, all in percent (NaN when undefined)."""
+        """The summary: ``mIoU``, ``mAcc``, ``aAcc`` in percent (NaN when undefined)."""
         conf = self.total()
         iou, acc, gt = self._per_class(conf)
         total = float(gt.sum())
-        out = {
+        return {
             "mIoU": _nanmean(iou) * 100,
             "mAcc": _nanmean(acc) * 100,
             "aAcc": float(conf.diag().sum()) / total * 100 if total > 0 else math.nan,
         }
-        for name, v in zip(self.class_names, iou.tolist()):
-            out[f"IoU.{name.strip()}"] = v * 100
-        return out
 
-    def to_frame(self) -> pd.DataFrame:
-        """One row per class: IoU, Acc (percent) and the number of ground-truth pixels."""
-        conf = self.total()
-        iou, acc, gt = self._per_class(conf)
-        return pd.DataFrame({
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``{"per_class": DataFrame(class, IoU, Acc)}``, one row per class, in percent."""
+        iou, acc, _ = self._per_class(self.total())
+        return {"per_class": pd.DataFrame({
             "class": [n.strip() for n in self.class_names],
             "IoU": (iou * 100).tolist(),
             "Acc": (acc * 100).tolist(),
-            "pixels": gt.long().tolist(),
-        })
+        })}
 
 
 def _nanmean(x: Tensor) -> float:
