@@ -168,14 +168,18 @@ def test_predictor_is_pluggable():
         def forward(self, x):
             return self.scale * torch.sigmoid(self.conv(x))
 
-    cfg = from_dict({"model": {"decode_head": {"type": "fcn", "in_index": 3, "channels": 8, "concat_input": False,
-                                               "predictor": "test_regression", "scale": 10.0}}})
-    model = densefuse.build_model(cfg).eval()
-    assert isinstance(model.predictor, Regression) and model.predictor.scale == 10.0
-    out = model(torch.randn(1, 3, 64, 64))["out"]
-    assert out.shape == (1, 1, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 10
-    with pytest.raises(densefuse.ConfigError, match="unknown config key 'model.decode_head.dropout'"):
-        from_dict({"model": {"decode_head": {"type": "fcn", "predictor": "test_regression", "dropout": 0.1}}})
+    try:
+        cfg = from_dict({"model": {"decode_head": {"type": "fcn", "in_index": 3, "channels": 8, "concat_input": False,
+                                                   "predictor": "test_regression", "scale": 10.0}}})
+        model = densefuse.build_model(cfg).eval()
+        assert isinstance(model.predictor, Regression) and model.predictor.scale == 10.0
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 64, 64))["out"]
+        assert out.shape == (1, 1, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 10
+        with pytest.raises(densefuse.ConfigError, match="unknown config key 'model.decode_head.dropout'"):
+            from_dict({"model": {"decode_head": {"type": "fcn", "predictor": "test_regression", "dropout": 0.1}}})
+    finally:
+        PREDICTORS._items.pop("test_regression")
 
 
 # ------------------------------------------------------------------------ Table 4 branch pipelines
