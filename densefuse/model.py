@@ -29,12 +29,26 @@ SECTION_EXTRAS: dict[str, dict[str, Any]] = {
 }
 
 
+#: checkpoint key prefixes of densefuse 0.1 (classifier inside the heads) -> today's
+LEGACY_PREFIXES = {"decode_head.cls_seg.": "predictor.", "auxiliary_head.cls_seg.": "aux_predictor."}
+
+
+def _rename_legacy_keys(state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: checkpoints from before the decoder/predictor split load unchanged."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in LEGACY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
 class EncoderDecoder(nn.Module):
     """``encoder -> decoder -> predictor`` (and ``auxiliary_head -> aux_predictor`` in training).
 
     ``forward(x)`` returns ``{"out": prediction}`` resized (bilinear) to the input size, plus ``"aux"``
     in train mode when there is an auxiliary head. The decoder is stored as ``decode_head`` (the name of
-    its config section), so fusion sites are ``decode_head.<fusion>`` as before.
+    its config section), so fusion sites are ``decode_head.<fusion>`` as before. State dicts saved before
+    the classifier moved out of the heads (``decode_head.cls_seg.*``) load unchanged (see
+    :data:`LEGACY_PREFIXES`).
     """
 
     def __init__(
@@ -55,6 +69,7 @@ class EncoderDecoder(nn.Module):
         self.auxiliary_head = aux
         self.aux_predictor = aux_predictor
         self.align_corners = align_corners
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def features(self, x: Tensor) -> Tensor:
         """The decoder's fused feature map for images ``x``."""

@@ -143,6 +143,20 @@ def test_decoders_return_features_and_the_predictor_makes_logits():
         torch.testing.assert_close(model(x)["out"], model._up(model.predictor(feats), (64, 64)))
 
 
+def test_checkpoints_from_before_the_predictor_split_load():
+    head, os_, _ = HEADS["fcn"]
+    cfg = from_dict({"model": {"num_classes": 5, "decode_head": head, "auxiliary_head": AUX,
+                               "encoder": {"name": "resnet18", "output_stride": os_}}})
+    torch.manual_seed(0)
+    old = {_old_key(k): v for k, v in densefuse.build_model(cfg).state_dict().items()}
+    assert "decode_head.cls_seg.conv_seg.weight" in old and "auxiliary_head.cls_seg.conv_seg.bias" in old
+    torch.manual_seed(1)
+    model = densefuse.build_model(cfg)
+    model.load_state_dict(old)  # strict
+    assert torch.equal(model.predictor.conv_seg.weight, old["decode_head.cls_seg.conv_seg.weight"])
+    assert torch.equal(model.aux_predictor.conv_seg.bias, old["auxiliary_head.cls_seg.conv_seg.bias"])
+
+
 def test_predictor_is_pluggable():
     @PREDICTORS.register("test_regression")
     class Regression(nn.Module):
@@ -154,14 +168,18 @@ def test_predictor_is_pluggable():
         def forward(self, x):
             return self.scale * torch.sigmoid(self.conv(x))
 
-    cfg = from_dict({"model": {"decode_head": {"type": "fcn", "in_index": 3, "channels": 8, "concat_input": False,
-                                               "predictor": "test_regression", "scale": 10.0}}})
-    model = densefuse.build_model(cfg).eval()
-    assert isinstance(model.predictor, Regression) and model.predictor.scale == 10.0
-    out = model(torch.randn(1, 3, 64, 64))["out"]
-    assert out.shape == (1, 1, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 10
-    with pytest.raises(densefuse.ConfigError, match="unknown config key 'model.decode_head.dropout'"):
-        from_dict({"model": {"decode_head": {"type": "fcn", "predictor": "test_regression", "dropout": 0.1}}})
+    try:
+        cfg = from_dict({"model": {"decode_head": {"type": "fcn", "in_index": 3, "channels": 8, "concat_input": False,
+                                                   "predictor": "test_regression", "scale": 10.0}}})
+        model = densefuse.build_model(cfg).eval()
+        assert isinstance(model.predictor, Regression) and model.predictor.scale == 10.0
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 64, 64))["out"]
+        assert out.shape == (1, 1, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 10
+        with pytest.raises(densefuse.ConfigError, match="unknown config key 'model.decode_head.dropout'"):
+            from_dict({"model": {"decode_head": {"type": "fcn", "predictor": "test_regression", "dropout": 0.1}}})
+    finally:
+        PREDICTORS._items.pop("test_regression")
 
 
 # ------------------------------------------------------------------------ Table 4 branch pipelines
