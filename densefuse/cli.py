@@ -418,7 +418,8 @@ def _config_list(configs: tuple[str, ...]) -> list[Optional[str]]:
 @click.option("--modes", default="off,explicit", show_default=True, help="Equalizer modes (first = baseline).")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds per mode (the paper uses 5).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
-              help="Root of the runs; finished runs there are reused (default work_dirs/compare).")
+              help="Root of the runs; finished runs there are reused (default work_dirs/<config>_compare, "
+                   "or work_dirs/compare for several configs).")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep every run's checkpoints (default: only what the table needs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @_friendly
