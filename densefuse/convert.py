@@ -221,10 +221,11 @@ def encoder_state(encoder: nn.Module, sd: StateDict, source: str) -> tuple[State
     Raises :class:`ConfigError` listing source keys that fit nowhere.
     """
     family = getattr(encoder, "family", "")
-    timm_sd, norms, left = backbone_to_timm(sd, family)
+    timm_sd, norms, unconverted = backbone_to_timm(sd, family)
     targets = encoder.model.state_dict()
     out: StateDict = {}
-    ignored: list[str] = []
+    ignored = [k for k in unconverted if IGNORED.search(k)]
+    left = [k for k in unconverted if not IGNORED.search(k)]
     for k, v in timm_sd.items():
         fk = _feature_key(k, targets)
         if fk is not None:

@@ -170,10 +170,14 @@ class TimmEncoder(nn.Module):
         if out_indices is None:
             out_indices = _default_out_indices(timm_name)
         out_indices = tuple(int(i) for i in out_indices)
-        _check_out_indices(timm_name, out_indices)
+        if not out_indices:
+            raise ConfigError("model.encoder.out_indices must not be empty")
         weights = self._weights_file(timm_name, pretrained)
         try:
             self.model = timm.create_model(timm_name, features_only=True, out_indices=out_indices, **extra)
+        except (IndexError, AssertionError) as e:  # timm's raw error for a feature level it does not have
+            _check_out_indices(timm_name, out_indices)
+            raise ConfigError(f"encoder '{name}' with out_indices {list(out_indices)}: {e}") from None
         except TypeError as e:
             if "output_stride" in str(e):
                 raise ConfigError(f"encoder '{name}' does not support output_stride={output_stride}") from None
@@ -239,6 +243,6 @@ def _default_out_indices(timm_name: str) -> tuple[int, ...]:
 def _check_out_indices(timm_name: str, out_indices: tuple[int, ...]) -> None:
     n = _num_levels(timm_name)
     bad = [i for i in out_indices if not -n <= i < n]
-    if bad or not out_indices:
+    if bad:
         raise ConfigError(f"model.encoder.out_indices {list(out_indices)} invalid for '{timm_name}': it has {n} "
                           f"feature levels, valid indices are 0..{n - 1}")
