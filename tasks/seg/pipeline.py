@@ -8,9 +8,8 @@ Training (mmseg ``configs/_base_/datasets/{ade20k,pascal_voc12_aug,cityscapes}.p
     PhotoMetricDistortion                                           (here, or batched on the device)
     pad bottom/right to crop_size: image 0 after normalization, label 255
 
-All geometry is decided per sample (on the DataLoader workers). Only the pixels that survive the crop are
-resampled: the output equals resizing the whole image and cropping it (bilinear, ``align_corners=False``,
-like cv2's INTER_LINEAR without antialiasing; labels nearest), at a fraction of the cost.
+All geometry is decided per sample (on the DataLoader workers). Images are resized bilinearly
+(``align_corners=False``, no antialiasing, uint8 fixed point like cv2's INTER_LINEAR), labels with nearest.
 
 Test: ``Resize(scale, keep_ratio=True)`` of the image only; the label stays at its original size and the
 metric runs there (the prediction is resized to it, as mmseg's postprocess does).
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from densefuse.data import IGNORE_INDEX
@@ -55,40 +55,37 @@ def keep_ratio_size(h: int, w: int, scale: Sequence[float]) -> tuple[int, int]:
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
-def _bilinear_index(out_len: int, in_len: int, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Source rows (i0, i1) and weights of output rows ``start:stop`` for a bilinear resize in_len -> out_len
-    with ``align_corners=False`` (PyTorch's and cv2's half-pixel convention)."""
-    scale = in_len / out_len
-    src = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_len - 1)
-    i1 = (i0 + 1).clamp(max=in_len - 1)
-    return i0, i1, (src - i0).float()
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``, no antialiasing: cv2's INTER_LINEAR) of a (C,H,W) image.
+    uint8 runs PyTorch's fixed-point channels-last kernel (like cv2, within 1 of the float result)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    x = image[None]
+    if x.dtype == torch.uint8:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].contiguous()
+
+
+def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest resize (``floor(dst * in / out)``, as cv2's INTER_NEAREST) of a (H,W) label: values are kept."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    small = label.dtype == torch.uint8
+    x = label[None, None] if small else label[None, None].float()
+    out = F.interpolate(x, size=size, mode="nearest")[0, 0]
+    return out if small else out.to(label.dtype)
 
 
 def resize_crop_image(image: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
-    """``F.interpolate(image, size, 'bilinear')[..., y1:y2, x1:x2]`` computed only on the box. uint8 in, uint8 out."""
+    """``resize_image(image, size)[..., y1:y2, x1:x2]``."""
     y1, y2, x1, x2 = box
-    h, w = image.shape[-2:]
-    x = image.float()
-    r0, r1, rw = _bilinear_index(size[0], h, y1, y2)
-    rows = x[:, r0] * (1 - rw)[:, None] + x[:, r1] * rw[:, None]
-    c0, c1, cw = _bilinear_index(size[1], w, x1, x2)
-    out = rows[:, :, c0] * (1 - cw) + rows[:, :, c1] * cw
-    return out.round_().clamp_(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else out
-
-
-def nearest_index(out_len: int, in_len: int, start: int, stop: int) -> Tensor:
-    """Source indices of output ``start:stop`` for a nearest resize (PyTorch's / cv2's ``floor(dst * in/out)``)."""
-    scale = in_len / out_len
-    return (torch.arange(start, stop, dtype=torch.float64) * scale).floor().long().clamp(max=in_len - 1)
+    return resize_image(image, size)[..., y1:y2, x1:x2].contiguous()
 
 
 def resize_crop_label(label: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
-    """Nearest ``resize(label, size)[y1:y2, x1:x2]`` on the box only: every value is an input value."""
+    """``resize_label(label, size)[y1:y2, x1:x2]``: every value is an input value."""
     y1, y2, x1, x2 = box
-    h, w = label.shape[-2:]
-    rows = label.index_select(-2, nearest_index(size[0], h, y1, y2))
-    return rows.index_select(-1, nearest_index(size[1], w, x1, x2))
+    return resize_label(label, size)[..., y1:y2, x1:x2].contiguous()
 
 
 @dataclass
@@ -193,23 +190,36 @@ class SegTrainPipeline:
 
     def draw(self, label: Tensor) -> Geometry:
         """All random choices for one sample whose (original-size) label is ``label``."""
+        return self._draw(label)[0]
+
+    def _draw(self, label: Tensor) -> tuple[Geometry, Optional[Tensor]]:
+        """The geometry and, when cat_max_ratio needed it, the resized label (reused by :meth:`apply`)."""
         h, w = label.shape[-2:]
+        full = None
         size = self.draw_size(h, w)
         box = self._box(size)
         if self.cat_max_ratio < 1.0:
             small = label.to(torch.uint8) if label.dtype != torch.uint8 and int(label.max()) <= 255 else label
+            full = resize_label(small, size)
             for _ in range(self.max_tries):
-                if not _dominated(resize_crop_label(small, size, box), self.ignore_index, self.cat_max_ratio):
+                y1, y2, x1, x2 = box
+                if not _dominated(full[y1:y2, x1:x2], self.ignore_index, self.cat_max_ratio):
                     break
                 box = self._box(size)
         flip = float(torch.rand(1, generator=self.generator)) < self.flip_prob
-        return Geometry(size, box, flip, self.crop_size, (h, w))
+        return Geometry(size, box, flip, self.crop_size, (h, w)), full
 
-    def apply(self, sample: Mapping[str, Any], geo: Geometry) -> dict:
-        """Apply a drawn :class:`Geometry` (and the photometric distortion, when enabled) to a sample."""
+    def apply(self, sample: Mapping[str, Any], geo: Geometry, resized_label: Optional[Tensor] = None) -> dict:
+        """Apply a drawn :class:`Geometry` (and the photometric distortion, when enabled) to a sample.
+        ``resized_label`` (uint8, at ``geo.size``) saves resizing the label again."""
         out = dict(sample)
         image = resize_crop_image(sample["image"], geo.size, geo.box)
-        label = resize_crop_label(sample["label"], geo.size, geo.box) if "label" in sample else None
+        label = None
+        if resized_label is not None:
+            y1, y2, x1, x2 = geo.box
+            label = resized_label[y1:y2, x1:x2].to(sample["label"].dtype)
+        elif "label" in sample:
+            label = resize_crop_label(sample["label"], geo.size, geo.box)
         if geo.flip:
             image = image.flip(-1)
             label = label.flip(-1) if label is not None else None
@@ -235,7 +245,8 @@ class SegTrainPipeline:
         return out
 
     def __call__(self, sample: Mapping[str, Any]) -> dict:
-        return self.apply(sample, self.draw(sample["label"]))
+        geo, full = self._draw(sample["label"])
+        return self.apply(sample, geo, full if full is not None and full.dtype == torch.uint8 else None)
 
     def __repr__(self) -> str:
         return (f"SegTrainPipeline(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
