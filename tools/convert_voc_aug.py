@@ -59,7 +59,7 @@ def convert_mat(path: Path, out_dir: Path) -> str:
 
     try:
         mask = loadmat(str(path))["GTcls"][0]["Segmentation"][0]
-    except (KeyError, IndexError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - scipy raises several types for a bad file: report it, go on
         return f"{path}: not an SBD class mask (GTcls.Segmentation): {type(e).__name__} {e}"
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.max(initial=0) > 255:
