@@ -117,6 +117,26 @@ def test_photometric_on_the_worker_keeps_uint8_and_geometry():
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 32, 32)
 
 
+def test_photometric_saturation_matches_hsv_scaling():
+    from densefuse_tasks.seg import pipeline
+    from kornia.color import hsv_to_rgb, rgb_to_hsv
+
+    img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    # coins: no brightness, contrast first but skipped, saturation on, hue off
+    coins = iter([False, True, False, True, False])
+    orig = pipeline._coin
+    pipeline._coin = lambda g: next(coins)
+    try:
+        out = pipeline.photometric_distortion(img, gen, saturation_range=(0.7, 0.7))
+    finally:
+        pipeline._coin = orig
+    hsv = rgb_to_hsv(img[None].float() / 255)
+    hsv[:, 1] *= 0.7
+    ref = (hsv_to_rgb(hsv)[0] * 255 + 1e-3).floor()
+    assert (out.float() - ref).abs().max() <= 1
+
+
 def test_zero_padding_after_normalization():
     batch = {"image": torch.ones(2, 3, 4, 4), "valid": torch.zeros(2, 1, 4, 4, dtype=torch.bool)}
     batch["valid"][:, :, :2] = True
@@ -136,7 +156,7 @@ def test_build_from_config_uses_the_dataset_scales():
     cfg = {"data": {"type": "cityscapes", "crop_size": [512, 1024], "mean": [123.675, 116.28, 103.53],
                     "augment": {"flip": True, "photometric": True}}}
     train = build_train_pipeline(cfg, photometric=False)
-    assert train.scale == (2048, 1024) and train.cat_max_ratio == 0.75 and train.photometric is None
+    assert train.scale == (2048, 1024) and train.cat_max_ratio == 0.75 and train.photometric is False
     assert train.pad_fill == (124, 116, 104)
     assert build_test_pipeline(cfg).scale == (2048, 1024)
     assert build_test_pipeline({"data": {**cfg["data"], "test_scale": []}}).scale is None

@@ -126,6 +126,58 @@ def _dominated(label: Tensor, ignore_index: int, cat_max_ratio: float) -> bool:
     return counts.numel() <= 1 or float(counts.max()) / float(counts.sum()) >= cat_max_ratio
 
 
+def _coin(generator: Optional[torch.Generator]) -> bool:
+    return float(torch.rand(1, generator=generator)) < 0.5
+
+
+def _trunc(x: Tensor) -> Tensor:
+    """mmseg's ``np.clip(x, 0, 255).astype(np.uint8)`` after every op, kept in float."""
+    return x.clamp_(0, 255).floor_()
+
+
+def photometric_distortion(image: Tensor, generator: Optional[torch.Generator] = None,
+                           brightness_delta: float = 32.0, contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> Tensor:
+    """mmseg's ``PhotoMetricDistortion`` on one uint8 (3,H,W) RGB image, on the CPU worker.
+
+    The same order and coins as mmseg: brightness (+U(-32, 32)), a coin for contrast (xU(0.5, 1.5)) first or
+    last, saturation (HSV S x U(0.5, 1.5)), hue (H + randint(-18, 18) on OpenCV's 0-180 circle); every op fires
+    with probability 0.5 and truncates to uint8 values. Saturation uses the exact RGB form of an HSV S scale
+    with H and V fixed, ``c' = V - k (V - c)`` (k = the factor, capped where S would pass 1), so only the hue
+    op needs an HSV round trip (kornia, in float, where cv2 quantises H and S to uint8).
+    """
+    x = image.float()
+    g = generator
+
+    def uniform(lo: float, hi: float) -> float:
+        return _uniform(lo, hi, g)
+
+    def contrast(x: Tensor) -> Tensor:
+        return _trunc(x.mul_(uniform(*contrast_range))) if _coin(g) else x
+
+    if _coin(g):
+        x = _trunc(x.add_(uniform(-brightness_delta, brightness_delta)))
+    contrast_first = _coin(g)
+    if contrast_first:
+        x = contrast(x)
+    if _coin(g):
+        alpha = uniform(*saturation_range)
+        v = x.amax(0, keepdim=True)
+        chroma = v - x.amin(0, keepdim=True)
+        k = torch.where(chroma > 0, torch.clamp(v / chroma.clamp(min=1e-6), max=alpha), torch.ones_like(v))
+        x = _trunc(v - k * (v - x))
+    if _coin(g):
+        from kornia.color import hsv_to_rgb, rgb_to_hsv
+
+        shift = int(torch.randint(-hue_delta, hue_delta + 1, (1,), generator=g)) * (2 * math.pi / 180)
+        hsv = rgb_to_hsv(x[None] / 255.0)
+        hsv[:, 0] = torch.remainder(hsv[:, 0] + shift, 2 * math.pi)
+        x = _trunc(hsv_to_rgb(hsv)[0].mul_(255.0).add_(1e-3))
+    if not contrast_first:
+        x = contrast(x)
+    return x.to(torch.uint8)
+
+
 class SegTrainPipeline:
     """RandomResize -> RandomCrop(cat_max_ratio) -> RandomFlip -> [PhotoMetricDistortion] -> pad, per sample.
 
@@ -167,11 +219,7 @@ class SegTrainPipeline:
         self.max_tries = int(max_tries)
         self.pad_fill = tuple(int(v) for v in pad_fill)
         self.generator = generator
-        self.photometric = None
-        if photometric:
-            from densefuse.data.augment import PhotoMetricDistortion
-
-            self.photometric = PhotoMetricDistortion(generator=generator)
+        self.photometric = bool(photometric)
 
     def draw_size(self, h: int, w: int) -> tuple[int, int]:
         """RandomResize: the resized (h, w) for an h x w image."""
@@ -223,9 +271,8 @@ class SegTrainPipeline:
         if geo.flip:
             image = image.flip(-1)
             label = label.flip(-1) if label is not None else None
-        if self.photometric is not None:
-            x = self.photometric({"image": image[None]})["image"][0]
-            image = x.round_().clamp_(0, 255).to(torch.uint8)
+        if self.photometric:
+            image = photometric_distortion(image, self.generator)
         ch, cw = self.crop_size
         h, w = image.shape[-2:]
         valid = torch.zeros((1, ch, cw), dtype=torch.bool)
@@ -251,7 +298,7 @@ class SegTrainPipeline:
     def __repr__(self) -> str:
         return (f"SegTrainPipeline(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
                 f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, "
-                f"photometric={self.photometric is not None})")
+                f"photometric={self.photometric})")
 
 
 class SegTestPipeline:
