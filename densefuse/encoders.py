@@ -211,8 +211,10 @@ class TimmEncoder(nn.Module):
             return hit
         path = Path(str(pretrained)).expanduser()
         if not path.is_file():
-            raise ConfigError(f"pretrained weights not found: {pretrained} (model.encoder.pretrained): give a local "
-                              f".pth/.safetensors file (timm, mmseg or mmpretrain format) or `true` for the timm cache")
+            raise ConfigError(f"pretrained weights not found: {pretrained} (model.encoder.pretrained): download it "
+                              f"(the paper configs' files are listed in docs/paper.md, 'Pretrained weights'), or give "
+                              f"another local .pth/.safetensors file (timm, mmseg or mmpretrain format), `true` for "
+                              f"timm's weights in the local cache, or null")
         return path
 
     def forward(self, x: Tensor) -> list[Tensor]:

@@ -40,7 +40,7 @@ DATASET_SCALES: dict[str, tuple[int, int]] = {
 
 #: ``data`` keys read here, with their defaults (new config keys). ``None`` scales mean "the dataset's".
 DATA_DEFAULTS: dict[str, Any] = {
-    "pipeline": "mmseg",       # mmseg | legacy (the previous crop-then-scale augmentation)
+    "pipeline": "legacy",      # legacy (the crop-then-scale augmentation) | mmseg (this module); paper configs: mmseg
     "scale": None,             # training reference scale [long, short]; None = DATASET_SCALES[data.type]
     "ratio_range": [0.5, 2.0],
     "cat_max_ratio": 0.75,
