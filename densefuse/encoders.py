@@ -1,8 +1,17 @@
-"""timm ``features_only`` encoders returning NCHW feature lists with their channels and strides."""
+"""timm ``features_only`` encoders returning NCHW feature lists with their channels and strides.
+
+Besides any timm name, the encoders of the paper's tables are available under mmseg-like names
+(:data:`PAPER_ENCODERS`: ``swin-t``, ``twins-svt-s``, ``convnext-t``, ``r101-d8``, ...). They set the timm
+model, the recipe's drop_path, the valid feature levels and mmseg's per-output norms (Swin ``norm0-3``,
+Twins ``norm_after_stage``, ConvNeXt LayerNorm2d): without those norms the heads see raw features whose
+scale differs from mmseg's, which changes the very disequilibrium the equalizer corrects.
+"""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -12,47 +21,163 @@ from .errors import ConfigError
 _ANY_SIZE_KWARGS = {"swin": {"dynamic_img_size": True}}
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A paper encoder: the timm model and the mmseg recipe's settings around it."""
+
+    timm_name: str
+    out_indices: tuple[int, ...]
+    drop_path_rate: float = 0.0
+    out_norm: Optional[str] = None  # "ln": a LayerNorm over channels on every output (eps below)
+    norm_eps: float = 1e-5
+    output_stride: Optional[int] = None
+    kwargs: dict = field(default_factory=dict)
+    family: str = ""  # swin | twins | convnext | resnet: the checkpoint-conversion and layer-decay rules
+
+
+_SWIN = dict(out_indices=(0, 1, 2, 3), drop_path_rate=0.3, out_norm="ln", family="swin")
+_TWINS = dict(out_indices=(0, 1, 2, 3), out_norm="ln", family="twins")
+# mmpretrain ConvNeXt: LayerNorm2d(eps=1e-6) on every output, layer_scale_init_value=1.0 in the recipes
+_CONVNEXT = dict(out_indices=(0, 1, 2, 3), out_norm="ln", norm_eps=1e-6, family="convnext",
+                 kwargs={"ls_init_value": 1.0})
+# mmseg ResNetV1c-D8: deep stem, strides (1,2,1,1), dilations (1,1,2,4) = timm resnet*c with output_stride 8
+_RESNET_D8 = dict(out_indices=(1, 2, 3, 4), output_stride=8, family="resnet")
+
+#: mmseg-like encoder names of the paper's rows -> their specification.
+PAPER_ENCODERS: dict[str, EncoderSpec] = {
+    "swin-t": EncoderSpec("swin_tiny_patch4_window7_224", **_SWIN),
+    "swin-s": EncoderSpec("swin_small_patch4_window7_224", **_SWIN),
+    "swin-b": EncoderSpec("swin_base_patch4_window7_224", **_SWIN),
+    "twins-svt-s": EncoderSpec("twins_svt_small", drop_path_rate=0.2, **_TWINS),
+    "twins-svt-b": EncoderSpec("twins_svt_base", drop_path_rate=0.2, **_TWINS),
+    "twins-svt-l": EncoderSpec("twins_svt_large", drop_path_rate=0.3, **_TWINS),
+    "convnext-t": EncoderSpec("convnext_tiny", drop_path_rate=0.4, **_CONVNEXT),
+    "convnext-s": EncoderSpec("convnext_small", drop_path_rate=0.3, **_CONVNEXT),
+    "convnext-b": EncoderSpec("convnext_base", drop_path_rate=0.4, **_CONVNEXT),
+    "r50-d8": EncoderSpec("resnet50c", **_RESNET_D8),
+    "r101-d8": EncoderSpec("resnet101c", **_RESNET_D8),
+}
+
+
+def encoder_family(name: str) -> str:
+    """``swin | twins | convnext | resnet`` for a paper name or a timm name ('' when unknown)."""
+    if name in PAPER_ENCODERS:
+        return PAPER_ENCODERS[name].family
+    for fam in ("swin", "twins", "convnext", "resnet"):
+        if name.startswith(fam):
+            return fam
+    return ""
+
+
+class OutputNorms(nn.ModuleList):
+    """One channel LayerNorm per output level (mmseg's ``norm{i}`` / ``norm_list``), on NCHW maps."""
+
+    def __init__(self, channels: Sequence[int], eps: float) -> None:
+        from timm.layers import LayerNorm2d
+
+        super().__init__(LayerNorm2d(c, eps=eps) for c in channels)
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:  # type: ignore[override]
+        return [norm(f) for norm, f in zip(self, feats)]
+
+
+def timm_cache_file(timm_name: str) -> Optional[Path]:
+    """The pretrained file of ``timm_name`` if the HF hub or torch hub cache already holds it (no download)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return Path(hit)
+    if cfg.url:
+        from torch.hub import get_dir
+
+        hit = Path(get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if hit.is_file():
+            return hit
+    return None
+
+
+def _missing_cache_message(timm_name: str) -> str:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    where = cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else (cfg.url if cfg is not None else "?")
+    return (f"pretrained weights for '{timm_name}' are not in the timm/Hugging Face cache "
+            f"(model.encoder.pretrained: true); densefuse never downloads. On a machine with internet run "
+            f"`python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\"` (fetches {where} "
+            f"into ~/.cache/huggingface), or set model.encoder.pretrained to a local .pth/.safetensors file "
+            f"(timm, or mmseg/mmpretrain format: it is converted)")
+
+
 class TimmEncoder(nn.Module):
     """A timm backbone as a list of NCHW features.
 
     Args:
-        name: timm model name (``resnet50``, ``convnext_tiny``, ``swin_tiny_patch4_window7_224``, ...).
-        out_indices: which feature levels to return (timm's indices; resnet 1..4 = layer1..4).
-        output_stride: 8 or 16 dilates the last stages (resnet, convnext); ``None`` keeps 32.
-        pretrained: path to a local ``.pth``/``.safetensors`` classification checkpoint; ``None`` = random
-            init. Nothing is ever downloaded.
-        **kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, ...).
+        name: a paper name from :data:`PAPER_ENCODERS` (``swin-t``, ``convnext-b``, ``r101-d8``, ...) or a timm
+            model name (``resnet50``, ``convnext_tiny``, ``swin_tiny_patch4_window7_224``, ...).
+        out_indices: which feature levels to return (timm's indices; resnet 1..4 = layer1..4, Swin/Twins/ConvNeXt
+            0..3); ``None`` = the family's default. An index out of range is a :class:`ConfigError` naming the range.
+        output_stride: 8 or 16 dilates the last stages (resnet, convnext); ``None`` keeps the name's default.
+        pretrained: a local ``.pth``/``.safetensors`` file (timm, or an mmseg/mmpretrain backbone checkpoint,
+            converted by :mod:`densefuse.convert`), ``True`` for timm's weights from the local HF/torch hub
+            cache, or ``None``/``False`` for random init. Nothing is ever downloaded.
+        out_norm: ``"ln"`` adds a LayerNorm on every output (paper names set it), ``None`` disables it.
+        **kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, ...); they override the
+            paper name's defaults.
     """
 
     def __init__(
         self,
         name: str,
-        out_indices: Sequence[int] = (1, 2, 3, 4),
+        out_indices: Optional[Sequence[int]] = None,
         output_stride: Optional[int] = None,
-        pretrained: Optional[str] = None,
+        pretrained: Union[str, bool, None] = None,
+        out_norm: Union[str, None, bool] = "default",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         import timm  # deferred: importing timm costs ~1.5 s, which CLI error paths should not pay
 
-        if not timm.is_model(name):
-            raise ConfigError(f"unknown timm encoder 'model.encoder.name: {name}'")
+        spec = PAPER_ENCODERS.get(name)
+        timm_name = spec.timm_name if spec else name
+        if not timm.is_model(timm_name):
+            raise ConfigError(f"unknown timm encoder 'model.encoder.name: {name}' (or a paper encoder: "
+                              f"{', '.join(PAPER_ENCODERS)})")
         extra: dict[str, Any] = {}
         for prefix, kw in _ANY_SIZE_KWARGS.items():
-            if name.startswith(prefix):
+            if timm_name.startswith(prefix):
                 extra.update(kw)
+        if spec is not None:
+            if spec.drop_path_rate:
+                extra["drop_path_rate"] = spec.drop_path_rate
+            extra.update(spec.kwargs)
+            if output_stride is None:
+                output_stride = spec.output_stride
+            if out_indices is None:
+                out_indices = spec.out_indices
         extra.update(kwargs)
         if output_stride not in (None, 32):
             if output_stride not in (8, 16):
                 raise ConfigError(f"model.encoder.output_stride must be 8, 16 or 32, got {output_stride}")
             extra["output_stride"] = output_stride
-        if pretrained is not None:
-            path = Path(pretrained).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"pretrained weights not found: {pretrained} (model.encoder.pretrained)")
-            extra.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        if out_indices is None:
+            out_indices = _default_out_indices(timm_name)
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices:
+            raise ConfigError("model.encoder.out_indices must not be empty")
+        weights = self._weights_file(timm_name, pretrained)
         try:
-            self.model = timm.create_model(name, features_only=True, out_indices=tuple(out_indices), **extra)
+            self.model = timm.create_model(timm_name, features_only=True, out_indices=out_indices, **extra)
+        except (IndexError, AssertionError) as e:  # timm's raw error for a feature level it does not have
+            _check_out_indices(timm_name, out_indices)
+            raise ConfigError(f"encoder '{name}' with out_indices {list(out_indices)}: {e}") from None
         except TypeError as e:
             if "output_stride" in str(e):
                 raise ConfigError(f"encoder '{name}' does not support output_stride={output_stride}") from None
@@ -62,9 +187,64 @@ class TimmEncoder(nn.Module):
         self.strides: list[int] = list(info.reduction())
         self._nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self.name = name
+        self.timm_name = timm_name
+        self.family = encoder_family(name)
+        if out_norm == "default":
+            out_norm = spec.out_norm if spec else None
+        if out_norm not in (None, False, "ln"):
+            raise ConfigError(f"model.encoder out_norm must be 'ln' or null, got {out_norm!r}")
+        eps = spec.norm_eps if spec else 1e-5
+        self.out_norms = OutputNorms(self.channels, eps) if out_norm == "ln" else None
+        if weights is not None:
+            from .convert import load_encoder_weights
+
+            load_encoder_weights(self, weights)
+
+    @staticmethod
+    def _weights_file(timm_name: str, pretrained: Union[str, bool, None]) -> Optional[Path]:
+        if pretrained is None or pretrained is False:
+            return None
+        if pretrained is True:
+            hit = timm_cache_file(timm_name)
+            if hit is None:
+                raise ConfigError(_missing_cache_message(timm_name))
+            return hit
+        path = Path(str(pretrained)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"pretrained weights not found: {pretrained} (model.encoder.pretrained): download it "
+                              f"(the paper configs' files are listed in docs/paper.md, 'Pretrained weights'), or give "
+                              f"another local .pth/.safetensors file (timm, mmseg or mmpretrain format), `true` for "
+                              f"timm's weights in the local cache, or null")
+        return path
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = self.model(x)
         if self._nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
-        return list(feats)
+        feats = list(feats)
+        if self.out_norms is not None:
+            feats = self.out_norms(feats)
+        return feats
+
+
+def _num_levels(timm_name: str) -> int:
+    """How many feature levels timm's ``features_only`` model of ``timm_name`` has (built on the meta device)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        m = timm.create_model(timm_name, features_only=True, pretrained=False)
+    return len(m.feature_info)
+
+
+def _default_out_indices(timm_name: str) -> tuple[int, ...]:
+    n = _num_levels(timm_name)
+    return tuple(range(max(n - 4, 0), n))
+
+
+def _check_out_indices(timm_name: str, out_indices: tuple[int, ...]) -> None:
+    n = _num_levels(timm_name)
+    bad = [i for i in out_indices if not -n <= i < n]
+    if bad:
+        raise ConfigError(f"model.encoder.out_indices {list(out_indices)} invalid for '{timm_name}': it has {n} "
+                          f"feature levels, valid indices are 0..{n - 1}")

@@ -67,3 +67,108 @@ def test_missing_weights_and_unknown_name(tmp_path):
         TimmEncoder("resnet18", pretrained=str(tmp_path / "nope.pth"))
     with pytest.raises(ConfigError, match="unknown timm encoder"):
         TimmEncoder("resnet_does_not_exist")
+
+
+# --- the paper's encoders ---------------------------------------------------------------------------------------
+
+from densefuse.config import from_dict  # noqa: E402
+from densefuse.encoders import PAPER_ENCODERS  # noqa: E402
+from densefuse.model import build_model  # noqa: E402
+
+
+def _upernet(name, num_classes=150, channels=512, aux=256):
+    cfg = from_dict({"model": {
+        "num_classes": num_classes,
+        "encoder": {"name": name, "out_indices": list(PAPER_ENCODERS[name].out_indices)},
+        "decode_head": {"type": "uper", "channels": channels},
+        "auxiliary_head": {"type": "fcn", "in_index": 2, "channels": aux, "num_convs": 1, "concat_input": False},
+    }})
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def test_upernet_swin_t_has_mmseg_parameter_count():
+    model = _upernet("swin-t")
+    assert sum(p.numel() for p in model.parameters()) == 59_941_862  # mmseg UPerNet Swin-T, ADE20K
+    # mmseg's norm0-3: one LayerNorm per output, 2 * (96 + 192 + 384 + 768) parameters
+    assert sum(p.numel() for p in model.encoder.out_norms.parameters()) == 2880
+
+
+@pytest.mark.parametrize("name, drop_path", [("swin-t", 0.3), ("twins-svt-s", 0.2), ("twins-svt-l", 0.3),
+                                             ("convnext-t", 0.4), ("convnext-s", 0.3), ("convnext-b", 0.4)])
+def test_recipe_drop_path(name, drop_path):
+    assert PAPER_ENCODERS[name].drop_path_rate == drop_path
+    with torch.device("meta"):
+        enc = TimmEncoder(name)
+    rates = [m.drop_prob for m in enc.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(drop_path)
+
+
+def test_output_norms_standardise_every_level():
+    torch.manual_seed(0)
+    enc = TimmEncoder("twins-svt-s").eval()
+    for f in enc(torch.randn(1, 3, 64, 64)):
+        per_pixel = f.mean(1)
+        assert per_pixel.abs().max() < 1e-4  # LayerNorm over channels at init (weight 1, bias 0)
+
+
+def test_resnet_d8_is_dilated_with_default_levels():
+    enc = TimmEncoder("r50-d8")
+    assert enc.strides == [4, 8, 8, 8]
+    assert enc.channels == [256, 512, 1024, 2048]
+    assert enc.out_norms is None
+
+
+@pytest.mark.parametrize("name, n", [("swin-t", 4), ("convnext_atto", 4), ("resnet18", 5)])
+def test_wrong_out_indices_is_config_error_naming_the_range(name, n):
+    with pytest.raises(ConfigError, match=rf"valid indices are 0\.\.{n - 1}"):
+        TimmEncoder(name, out_indices=(1, 2, 3, n))
+
+
+def test_pretrained_true_without_cache_names_what_to_download(monkeypatch):
+    import densefuse.encoders as encoders
+
+    monkeypatch.setattr(encoders, "timm_cache_file", lambda name: None)
+    with pytest.raises(ConfigError, match=r"not in the timm/Hugging Face cache.*timm/convnext_atto"):
+        TimmEncoder("convnext_atto", pretrained=True)
+
+
+def test_pretrained_true_uses_the_cached_file(monkeypatch, tmp_path):
+    import densefuse.encoders as encoders
+
+    torch.manual_seed(1)
+    ref = timm.create_model("convnext_atto", pretrained=False)
+    path = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(ref.state_dict(), str(path))
+    monkeypatch.setattr(encoders, "timm_cache_file", lambda name: path)
+    enc = TimmEncoder("convnext_atto", pretrained=True)
+    assert torch.equal(enc.model.stages_3.blocks[0].conv_dw.weight, ref.stages[3].blocks[0].conv_dw.weight)
+
+
+def test_malicious_or_corrupt_pretrained_file_is_one_clear_error(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(ConfigError, match=r"cannot load weights from .*evil\.pth: not a weights-only"):
+        TimmEncoder("resnet18", pretrained=str(bad))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot load weights from .*junk.pth"):
+        TimmEncoder("resnet18", pretrained=str(junk))
+
+
+def test_pretrained_with_foreign_keys_lists_them(tmp_path):
+    sd = timm.create_model("resnet18", pretrained=False).state_dict()
+    sd["layer9.0.conv1.weight"] = torch.zeros(1)
+    path = tmp_path / "r18.pth"
+    torch.save(sd, path)
+    with pytest.raises(ConfigError, match=r"1 keys fit no parameter .*layer9\.0\.conv1\.weight"):
+        TimmEncoder("resnet18", pretrained=str(path))

@@ -1,7 +1,25 @@
-"""Optimizers (AdamW, SGD) and iteration-based schedules (poly with linear warmup)."""
+"""Optimizers (AdamW, SGD), mmseg's param-wise rules and iteration-based schedules (poly with linear warmup).
+
+Param-wise rules (``optim.paramwise`` in the config) follow mmengine's ``DefaultOptimWrapperConstructor``
+and mmseg's ``LearningRateDecayOptimizerConstructor`` so the paper's recipes can be written in YAML::
+
+    optim:
+      paramwise:
+        custom_keys:                 # name substring -> multipliers; the longest matching key wins
+          relative_position_bias_table: {decay_mult: 0.0}
+          norm: {decay_mult: 0.0}
+        norm_decay_mult: null        # multipliers for params not matched by custom_keys (mmengine rules)
+        bias_decay_mult: null
+        bias_lr_mult: null
+        layer_decay: null            # or {rate: 0.9, num_layers: 6, family: convnext} (stage-wise)
+
+Without ``paramwise`` the previous behaviour holds: ``norm_decay: false`` puts norm parameters, biases
+and 1-D tensors in a group without weight decay.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -10,7 +28,19 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import ConfigError
 
-_NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+#: ``optim.paramwise`` keys with their defaults (new config keys; DEFAULTS in densefuse.config gain them).
+PARAMWISE_DEFAULTS: dict[str, Any] = {
+    "custom_keys": {},
+    "norm_decay_mult": None,
+    "bias_decay_mult": None,
+    "bias_lr_mult": None,
+    "dwconv_decay_mult": None,
+    "layer_decay": None,
+}
+_CUSTOM_MULTS = ("lr_mult", "decay_mult")
+_LAYER_DECAY_KEYS = ("rate", "num_layers", "family")
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_decay: bool) -> list[dict]:
@@ -30,14 +60,123 @@ def param_groups(model: nn.Module, weight_decay: float, norm_decay: bool) -> lis
     return groups
 
 
+def check_paramwise(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``optim.paramwise`` with defaults filled in; unknown keys or bad values are :class:`ConfigError`."""
+    out = dict(PARAMWISE_DEFAULTS)
+    for k, v in (cfg or {}).items():
+        if k not in PARAMWISE_DEFAULTS:
+            raise ConfigError(f"unknown config key 'optim.paramwise.{k}' (known: {', '.join(PARAMWISE_DEFAULTS)})")
+        out[k] = v
+    custom = out["custom_keys"] or {}
+    if not isinstance(custom, Mapping):
+        raise ConfigError("optim.paramwise.custom_keys must be a mapping of name substring -> {lr_mult, decay_mult}")
+    for key, mults in custom.items():
+        if not isinstance(mults, Mapping) or any(m not in _CUSTOM_MULTS for m in mults):
+            raise ConfigError(f"optim.paramwise.custom_keys.{key} must be a mapping with lr_mult and/or decay_mult, "
+                              f"got {mults!r}")
+    ld = out["layer_decay"]
+    if ld is not None:
+        if not isinstance(ld, Mapping) or set(ld) - set(_LAYER_DECAY_KEYS) or "rate" not in ld or "num_layers" not in ld:
+            raise ConfigError(f"optim.paramwise.layer_decay must be {{rate, num_layers, family: convnext}}, got {ld!r}")
+        if ld.get("family", "convnext") != "convnext":
+            raise ConfigError(f"optim.paramwise.layer_decay.family: only 'convnext' (mmseg stage_wise) is supported, "
+                              f"got {ld.get('family')!r}")
+        if not 0 < float(ld["rate"]) <= 1 or int(ld["num_layers"]) < 1:
+            raise ConfigError(f"optim.paramwise.layer_decay needs 0 < rate <= 1 and num_layers >= 1, got {dict(ld)}")
+    return out
+
+
+def convnext_stage_id(name: str, num_layers: int) -> int:
+    """mmseg's ``get_stage_id_for_convnext`` on densefuse names: the stem and downsampling layers -> 0, blocks of
+    stage ``i`` -> ``i + 1``, everything else (per-output norms, heads) -> ``num_layers + 1``."""
+    if not name.startswith("encoder."):
+        return num_layers + 1
+    if re.search(r"(^|\.)stem[._]", name) or re.search(r"stages[._]\d+\.downsample\.", name):
+        return 0
+    m = re.search(r"stages[._](\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def paramwise_rules(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One entry per trainable parameter: ``{name, param, lr_mult, decay_mult}`` by mmengine's rules.
+
+    ``custom_keys`` are tried longest first (ties alphabetically), as substrings of the full parameter name;
+    the first match sets ``lr_mult`` / ``decay_mult`` and skips the generic rules. Otherwise ``bias_lr_mult``
+    (biases outside norms), ``norm_decay_mult`` (norm layers), ``bias_decay_mult`` (other biases) and
+    ``dwconv_decay_mult`` (depthwise convs) apply when set. With ``layer_decay`` (ConvNeXt stage-wise, mmseg's
+    LearningRateDecayOptimizerConstructor) the lr is scaled by ``rate ** (L - id - 1)`` with
+    ``L = num_layers + 2``, and every 1-D parameter or bias gets no weight decay, as mmseg does.
+    """
+    pw = check_paramwise(cfg.get("paramwise") or {})
+    custom = pw["custom_keys"] or {}
+    keys = sorted(sorted(custom), key=len, reverse=True)
+    ld = pw["layer_decay"]
+    out = []
+    for mod_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            lr_mult, decay_mult = 1.0, 1.0
+            if ld is not None:
+                layers = int(ld["num_layers"]) + 2
+                stage = convnext_stage_id(name, int(ld["num_layers"]))
+                lr_mult = float(ld["rate"]) ** (layers - stage - 1)
+                if p.ndim == 1 or name.endswith(".bias"):
+                    decay_mult = 0.0
+                out.append({"name": name, "param": p, "lr_mult": lr_mult, "decay_mult": decay_mult})
+                continue
+            hit = next((k for k in keys if k in name), None)
+            if hit is not None:
+                lr_mult = float(custom[hit].get("lr_mult", 1.0))
+                decay_mult = float(custom[hit].get("decay_mult", 1.0))
+            else:
+                is_norm = isinstance(module, _NORMS)
+                is_dw = isinstance(module, nn.Conv2d) and module.groups > 1 and module.in_channels == module.groups
+                if pname == "bias" and not is_norm and pw["bias_lr_mult"] is not None:
+                    lr_mult = float(pw["bias_lr_mult"])
+                if is_norm and pw["norm_decay_mult"] is not None:
+                    decay_mult = float(pw["norm_decay_mult"])
+                elif pname == "bias" and pw["bias_decay_mult"] is not None:
+                    decay_mult = float(pw["bias_decay_mult"])
+                elif is_dw and pw["dwconv_decay_mult"] is not None:
+                    decay_mult = float(pw["dwconv_decay_mult"])
+            out.append({"name": name, "param": p, "lr_mult": lr_mult, "decay_mult": decay_mult})
+    return out
+
+
+def paramwise_groups(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict]:
+    """Optimizer groups from :func:`paramwise_rules`: one group per (lr, weight decay) pair, each with its
+    ``lr`` and ``weight_decay`` and the ``lr_mult`` the schedule keeps while it scales the base lr."""
+    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+    groups: dict[tuple[float, float], dict] = {}
+    for rule in paramwise_rules(model, cfg):
+        key = (rule["lr_mult"], rule["decay_mult"])
+        g = groups.setdefault(key, {"params": [], "names": [], "lr": lr * key[0], "lr_mult": key[0],
+                                    "weight_decay": wd * key[1]})
+        g["params"].append(rule["param"])
+        g["names"].append(rule["name"])
+    return list(groups.values())
+
+
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``cfg`` is the ``optim`` section: type (adamw | sgd), lr, weight_decay, momentum, betas, norm_decay."""
-    groups = param_groups(model, cfg["weight_decay"], cfg.get("norm_decay", True))
+    """``cfg`` is the ``optim`` section: type (adamw | sgd), lr, weight_decay, momentum, betas, norm_decay and
+    the optional ``paramwise`` rules (see the module docstring)."""
+    if cfg.get("paramwise"):
+        groups = paramwise_groups(model, cfg)
+        for g in groups:
+            g.pop("names")
+    else:
+        groups = param_groups(model, cfg["weight_decay"], cfg.get("norm_decay", True))
     kind = cfg["type"].lower()
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                                 weight_decay=cfg["weight_decay"])
     if kind == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9))
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9),
+                               weight_decay=cfg["weight_decay"])
     raise ConfigError(f"unknown optim.type '{cfg['type']}' (use adamw or sgd)")
 
 
@@ -61,6 +200,10 @@ def lr_factor(it: int, total: int, cfg: Mapping[str, Any], base_lr: float) -> fl
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_iters: int) -> LambdaLR:
-    base_lr = optimizer.param_groups[0]["lr"]
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_iters: int,
+                    base_lr: Optional[float] = None) -> LambdaLR:
+    """The same factor for every group (LambdaLR multiplies each group's initial lr, so ``lr_mult`` is kept).
+    ``min_lr`` is relative to ``base_lr`` (the config's ``optim.lr``; default: the largest group lr)."""
+    if base_lr is None:
+        base_lr = max(g["lr"] for g in optimizer.param_groups)
     return LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg, base_lr))

@@ -1,0 +1,371 @@
+"""mmseg-faithful per-sample geometry for segmentation: the training and test pipelines of the paper's configs.
+
+Training (mmseg ``configs/_base_/datasets/{ade20k,pascal_voc12_aug,cityscapes}.py``)::
+
+    RandomResize(scale, ratio_range=(0.5, 2.0), keep_ratio=True)   on the whole image
+    RandomCrop(crop_size, cat_max_ratio=0.75)                       up to 10 re-draws, 255 excluded
+    RandomFlip(0.5)
+    PhotoMetricDistortion                                           (here, or batched on the device)
+    pad bottom/right to crop_size: image 0 after normalization, label 255
+
+All geometry is decided per sample (on the DataLoader workers). Images are resized bilinearly
+(``align_corners=False``, no antialiasing, uint8 fixed point like cv2's INTER_LINEAR), labels with nearest.
+
+Test: ``Resize(scale, keep_ratio=True)`` of the image only; the label stays at its original size and the
+metric runs there (the prediction is resized to it, as mmseg's postprocess does).
+
+Every training sample carries ``valid`` (1, H, W) bool: False on padding. The image is padded with
+``pad_fill`` (the rounded mean colour); :func:`zero_padding` sets the padded pixels to exactly 0 after
+normalization, and calibration uses ``valid`` to leave padding out of the statistics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from densefuse.data import IGNORE_INDEX
+from densefuse.errors import ConfigError
+
+#: mmseg's reference scales (``RandomResize`` / test ``Resize``) per dataset: (long, short) bounds.
+DATASET_SCALES: dict[str, tuple[int, int]] = {
+    "ade20k": (2048, 512),
+    "voc": (2048, 512),
+    "cityscapes": (2048, 1024),
+}
+
+#: ``data`` keys read here, with their defaults (new config keys). ``None`` scales mean "the dataset's".
+DATA_DEFAULTS: dict[str, Any] = {
+    "pipeline": "legacy",      # legacy (the crop-then-scale augmentation) | mmseg (this module); paper configs: mmseg
+    "scale": None,             # training reference scale [long, short]; None = DATASET_SCALES[data.type]
+    "ratio_range": [0.5, 2.0],
+    "cat_max_ratio": 0.75,
+    "test_scale": None,        # test Resize [long, short]; None = the dataset's; [] = keep the original size
+}
+
+
+def keep_ratio_size(h: int, w: int, scale: Sequence[float]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with keep_ratio: factor ``min(max(scale)/max(h, w), min(scale)/min(h, w))``,
+    new size ``int(x * f + 0.5)``. A 375x500 VOC image at (2048, 512) becomes 512x683 (f = 1.365)."""
+    f = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * f + 0.5), int(w * f + 0.5)
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``, no antialiasing: cv2's INTER_LINEAR) of a (C,H,W) image.
+    uint8 runs PyTorch's fixed-point channels-last kernel (like cv2, within 1 of the float result)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    x = image[None]
+    if x.dtype == torch.uint8:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].contiguous()
+
+
+def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest resize (``floor(dst * in / out)``, as cv2's INTER_NEAREST) of a (H,W) label: values are kept."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    small = label.dtype == torch.uint8
+    x = label[None, None] if small else label[None, None].float()
+    out = F.interpolate(x, size=size, mode="nearest")[0, 0]
+    return out if small else out.to(label.dtype)
+
+
+def resize_crop_image(image: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
+    """``resize_image(image, size)[..., y1:y2, x1:x2]``."""
+    y1, y2, x1, x2 = box
+    return resize_image(image, size)[..., y1:y2, x1:x2].contiguous()
+
+
+def resize_crop_label(label: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
+    """``resize_label(label, size)[y1:y2, x1:x2]``: every value is an input value."""
+    y1, y2, x1, x2 = box
+    return resize_label(label, size)[..., y1:y2, x1:x2].contiguous()
+
+
+@dataclass
+class Geometry:
+    """The random geometry of one training sample (replayable: apply it to any per-pixel key)."""
+
+    size: tuple[int, int]             # image size after RandomResize
+    box: tuple[int, int, int, int]    # crop (y1, y2, x1, x2) in the resized image
+    flip: bool
+    crop_size: tuple[int, int]
+    src_size: tuple[int, int]         # the original image size
+
+    @property
+    def scale(self) -> float:
+        """The keep-ratio resize factor (height ratio)."""
+        return self.size[0] / self.src_size[0]
+
+    @property
+    def padded(self) -> bool:
+        return (self.box[1] - self.box[0], self.box[3] - self.box[2]) != self.crop_size
+
+
+def _randint(hi: int, generator: Optional[torch.Generator]) -> int:
+    """Uniform integer in [0, hi]."""
+    return int(torch.randint(0, hi + 1, (1,), generator=generator))
+
+
+def _uniform(lo: float, hi: float, generator: Optional[torch.Generator]) -> float:
+    return float(torch.rand(1, generator=generator)) * (hi - lo) + lo
+
+
+def _dominated(label: Tensor, ignore_index: int, cat_max_ratio: float) -> bool:
+    """mmseg's rejection test: fewer than two classes, or one class with >= cat_max_ratio of the non-ignored pixels."""
+    counts = torch.bincount(label.reshape(-1), minlength=256)
+    if ignore_index < counts.numel():
+        counts[ignore_index] = 0
+    counts = counts[counts > 0]
+    return counts.numel() <= 1 or float(counts.max()) / float(counts.sum()) >= cat_max_ratio
+
+
+def _coin(generator: Optional[torch.Generator]) -> bool:
+    return float(torch.rand(1, generator=generator)) < 0.5
+
+
+def _trunc(x: Tensor) -> Tensor:
+    """mmseg's ``np.clip(x, 0, 255).astype(np.uint8)`` after every op, kept in float."""
+    return x.clamp_(0, 255).floor_()
+
+
+def photometric_distortion(image: Tensor, generator: Optional[torch.Generator] = None,
+                           brightness_delta: float = 32.0, contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> Tensor:
+    """mmseg's ``PhotoMetricDistortion`` on one uint8 (3,H,W) RGB image, on the CPU worker.
+
+    The same order and coins as mmseg: brightness (+U(-32, 32)), a coin for contrast (xU(0.5, 1.5)) first or
+    last, saturation (HSV S x U(0.5, 1.5)), hue (H + randint(-18, 18) on OpenCV's 0-180 circle); every op fires
+    with probability 0.5 and truncates to uint8 values. Saturation uses the exact RGB form of an HSV S scale
+    with H and V fixed, ``c' = V - k (V - c)`` (k = the factor, capped where S would pass 1), so only the hue
+    op needs an HSV round trip (kornia, in float, where cv2 quantises H and S to uint8).
+    """
+    x = image.float()
+    g = generator
+
+    def uniform(lo: float, hi: float) -> float:
+        return _uniform(lo, hi, g)
+
+    def contrast(x: Tensor) -> Tensor:
+        return _trunc(x.mul_(uniform(*contrast_range))) if _coin(g) else x
+
+    if _coin(g):
+        x = _trunc(x.add_(uniform(-brightness_delta, brightness_delta)))
+    contrast_first = _coin(g)
+    if contrast_first:
+        x = contrast(x)
+    if _coin(g):
+        alpha = uniform(*saturation_range)
+        v = x.amax(0, keepdim=True)
+        chroma = v - x.amin(0, keepdim=True)
+        k = torch.where(chroma > 0, torch.clamp(v / chroma.clamp(min=1e-6), max=alpha), torch.ones_like(v))
+        x = _trunc(v - k * (v - x))
+    if _coin(g):
+        from kornia.color import hsv_to_rgb, rgb_to_hsv
+
+        shift = int(torch.randint(-hue_delta, hue_delta + 1, (1,), generator=g)) * (2 * math.pi / 180)
+        hsv = rgb_to_hsv(x[None] / 255.0)
+        hsv[:, 0] = torch.remainder(hsv[:, 0] + shift, 2 * math.pi)
+        x = _trunc(hsv_to_rgb(hsv)[0].mul_(255.0).add_(1e-3))
+    if not contrast_first:
+        x = contrast(x)
+    return x.to(torch.uint8)
+
+
+class SegTrainPipeline:
+    """RandomResize -> RandomCrop(cat_max_ratio) -> RandomFlip -> [PhotoMetricDistortion] -> pad, per sample.
+
+    Takes ``{"image": uint8 (3,H,W), "label": int64 (H,W), ...}`` and returns the crop with ``image`` uint8
+    (3, *crop_size), ``label`` (*crop_size) and ``valid`` bool (1, *crop_size). Other keys pass through.
+
+    Args:
+        crop_size: (h, w) of the training crop.
+        scale: RandomResize reference scale (long, short), e.g. (2048, 512) for ADE20K / VOC.
+        ratio_range: the reference scale is multiplied by r ~ U(ratio_range) (``int`` of each side, as mmcv).
+        cat_max_ratio: re-draw the crop (up to ``max_tries`` times) while one class covers at least this
+            share of the non-ignored pixels; 1.0 disables it. The last draw is kept, as mmseg does.
+        flip_prob: horizontal flip probability.
+        photometric: apply mmseg's PhotoMetricDistortion here (on the CPU, rounded back to uint8); leave it
+            False to run the batched version on the training device instead.
+        pad_fill: image fill for padding (per channel, uint8); label padding is ``ignore_index``.
+        generator: optional torch.Generator (leave unset with DataLoader workers, which seed torch themselves).
+    """
+
+    def __init__(
+        self,
+        crop_size: Sequence[int],
+        scale: Sequence[int] = (2048, 512),
+        ratio_range: Optional[Sequence[float]] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = False,
+        pad_fill: Sequence[int] = (124, 116, 104),
+        ignore_index: int = IGNORE_INDEX,
+        max_tries: int = 10,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.scale = (int(scale[0]), int(scale[1]))
+        self.ratio_range = None if ratio_range is None else (float(ratio_range[0]), float(ratio_range[1]))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.flip_prob = float(flip_prob)
+        self.ignore_index = int(ignore_index)
+        self.max_tries = int(max_tries)
+        self.pad_fill = tuple(int(v) for v in pad_fill)
+        self.generator = generator
+        self.photometric = bool(photometric)
+
+    def draw_size(self, h: int, w: int) -> tuple[int, int]:
+        """RandomResize: the resized (h, w) for an h x w image."""
+        if self.ratio_range is None:
+            target = self.scale
+        else:
+            r = _uniform(*self.ratio_range, self.generator)
+            target = (int(self.scale[0] * r), int(self.scale[1] * r))
+        return keep_ratio_size(h, w, target)
+
+    def _box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        ch, cw = self.crop_size
+        y1 = _randint(max(size[0] - ch, 0), self.generator)
+        x1 = _randint(max(size[1] - cw, 0), self.generator)
+        return y1, min(y1 + ch, size[0]), x1, min(x1 + cw, size[1])
+
+    def draw(self, label: Tensor) -> Geometry:
+        """All random choices for one sample whose (original-size) label is ``label``."""
+        return self._draw(label)[0]
+
+    def _draw(self, label: Tensor) -> tuple[Geometry, Optional[Tensor]]:
+        """The geometry and, when cat_max_ratio needed it, the resized label (reused by :meth:`apply`)."""
+        h, w = label.shape[-2:]
+        full = None
+        size = self.draw_size(h, w)
+        box = self._box(size)
+        if self.cat_max_ratio < 1.0:
+            small = label.to(torch.uint8) if label.dtype != torch.uint8 and int(label.max()) <= 255 else label
+            full = resize_label(small, size)
+            for _ in range(self.max_tries):
+                y1, y2, x1, x2 = box
+                if not _dominated(full[y1:y2, x1:x2], self.ignore_index, self.cat_max_ratio):
+                    break
+                box = self._box(size)
+        flip = float(torch.rand(1, generator=self.generator)) < self.flip_prob
+        return Geometry(size, box, flip, self.crop_size, (h, w)), full
+
+    def apply(self, sample: Mapping[str, Any], geo: Geometry, resized_label: Optional[Tensor] = None) -> dict:
+        """Apply a drawn :class:`Geometry` (and the photometric distortion, when enabled) to a sample.
+        ``resized_label`` (uint8, at ``geo.size``) saves resizing the label again."""
+        out = dict(sample)
+        image = resize_crop_image(sample["image"], geo.size, geo.box)
+        label = None
+        if resized_label is not None:
+            y1, y2, x1, x2 = geo.box
+            label = resized_label[y1:y2, x1:x2].to(sample["label"].dtype)
+        elif "label" in sample:
+            label = resize_crop_label(sample["label"], geo.size, geo.box)
+        if geo.flip:
+            image = image.flip(-1)
+            label = label.flip(-1) if label is not None else None
+        if self.photometric:
+            image = photometric_distortion(image, self.generator)
+        ch, cw = self.crop_size
+        h, w = image.shape[-2:]
+        valid = torch.zeros((1, ch, cw), dtype=torch.bool)
+        valid[:, :h, :w] = True
+        if (h, w) != (ch, cw):
+            padded = torch.tensor(self.pad_fill, dtype=image.dtype).view(-1, 1, 1).expand(image.shape[0], ch, cw).clone()
+            padded[:, :h, :w] = image
+            image = padded
+            if label is not None:
+                lab = torch.full((ch, cw), self.ignore_index, dtype=label.dtype)
+                lab[:h, :w] = label
+                label = lab
+        out["image"] = image.contiguous()
+        if label is not None:
+            out["label"] = label.contiguous()
+        out["valid"] = valid
+        return out
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict:
+        geo, full = self._draw(sample["label"])
+        return self.apply(sample, geo, full if full is not None and full.dtype == torch.uint8 else None)
+
+    def __repr__(self) -> str:
+        return (f"SegTrainPipeline(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
+                f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, "
+                f"photometric={self.photometric})")
+
+
+class SegTestPipeline:
+    """Test-time ``Resize(scale, keep_ratio=True)`` of the image only. The label keeps its original size
+    (``label``), the resized size is in ``image``; ``ori_size`` (h, w) tells the evaluator where to resize
+    the prediction. ``scale=None`` keeps the image as it is."""
+
+    def __init__(self, scale: Optional[Sequence[int]] = (2048, 512)) -> None:
+        self.scale = None if not scale else (int(scale[0]), int(scale[1]))
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict:
+        out = dict(sample)
+        image = sample["image"]
+        h, w = image.shape[-2:]
+        out["ori_size"] = torch.tensor([h, w])
+        if self.scale is not None:
+            size = keep_ratio_size(h, w, self.scale)
+            if size != (h, w):
+                out["image"] = resize_crop_image(image, size, (0, size[0], 0, size[1]))
+        return out
+
+    def __repr__(self) -> str:
+        return f"SegTestPipeline(scale={self.scale})"
+
+
+def zero_padding(batch: Mapping[str, Any]) -> dict:
+    """After normalization: padded pixels (``valid`` False) set to exactly 0, mmseg's image padding."""
+    if "valid" not in batch:
+        return dict(batch)
+    out = dict(batch)
+    out["image"] = batch["image"] * batch["valid"].to(batch["image"].dtype)
+    return out
+
+
+def _dataset_scale(data: Mapping[str, Any], key: str) -> Optional[tuple[int, int]]:
+    value = data.get(key, DATA_DEFAULTS[key])
+    if value is None:
+        kind = data.get("type")
+        if kind not in DATASET_SCALES:
+            return None
+        return DATASET_SCALES[kind]
+    if isinstance(value, (list, tuple)) and len(value) == 0:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise ConfigError(f"data.{key} must be [long, short] positive ints, null (the dataset's) or [], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def build_train_pipeline(cfg: Mapping[str, Any], photometric: Optional[bool] = None) -> SegTrainPipeline:
+    """The training pipeline from ``cfg.data``: crop_size, scale, ratio_range, cat_max_ratio, augment.flip,
+    augment.photometric (unless ``photometric`` is given: pass False when the device runs it batched)."""
+    data = cfg["data"]
+    crop = data["crop_size"]
+    scale = _dataset_scale(data, "scale") or (max(crop), min(crop))
+    ratio = data.get("ratio_range", DATA_DEFAULTS["ratio_range"])
+    if ratio is not None and (len(ratio) != 2 or not 0 < float(ratio[0]) <= float(ratio[1])):
+        raise ConfigError(f"data.ratio_range must be [low, high] with 0 < low <= high, got {ratio!r}")
+    cat = float(data.get("cat_max_ratio", DATA_DEFAULTS["cat_max_ratio"]))
+    if not 0 < cat <= 1:
+        raise ConfigError(f"data.cat_max_ratio must be in (0, 1], got {cat}")
+    aug = data.get("augment") or {}
+    if photometric is None:
+        photometric = bool(aug.get("photometric", False))
+    fill = [int(math.floor(float(m) + 0.5)) for m in data["mean"]]
+    return SegTrainPipeline(crop, scale, ratio, cat, 0.5 if aug.get("flip", True) else 0.0, photometric, fill)
+
+
+def build_test_pipeline(cfg: Mapping[str, Any]) -> SegTestPipeline:
+    """The test pipeline from ``cfg.data.test_scale`` (null: the dataset's mmseg scale; []: no resize)."""
+    return SegTestPipeline(_dataset_scale(cfg["data"], "test_scale"))

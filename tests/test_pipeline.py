@@ -1,0 +1,166 @@
+"""mmseg-faithful segmentation geometry (densefuse_tasks.seg.pipeline) against mmseg's semantics."""
+import pytest
+import torch
+import torch.nn.functional as F
+from densefuse_tasks.seg.pipeline import (
+    SegTestPipeline,
+    SegTrainPipeline,
+    build_test_pipeline,
+    build_train_pipeline,
+    keep_ratio_size,
+    resize_crop_image,
+    resize_crop_label,
+    zero_padding,
+)
+
+from densefuse import ConfigError
+
+
+def _sample(h, w, num_classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, num_classes, (h // 8 + 1, w // 8 + 1), generator=g)
+    label = label.repeat_interleave(8, 0).repeat_interleave(8, 1)[:h, :w].clone()
+    label[:4] = 255
+    image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    return {"image": image, "label": label, "name": "x"}
+
+
+def test_keep_ratio_size_as_mmcv():
+    assert keep_ratio_size(375, 500, (2048, 512)) == (512, 683)  # VOC: factor 1.365
+    assert keep_ratio_size(1024, 2048, (2048, 1024)) == (1024, 2048)
+    assert keep_ratio_size(512, 683, (1024, 256)) == (256, 342)
+
+
+def test_box_resampling_equals_resize_then_crop():
+    s = _sample(61, 90)
+    size, box = (113, 151), (20, 84, 33, 140)
+    full = F.interpolate(s["image"][None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    ref = full.round().clamp(0, 255).to(torch.uint8)[:, 20:84, 33:140]
+    out = resize_crop_image(s["image"], size, box)
+    assert (out.int() - ref.int()).abs().max() <= 1
+    assert (out == ref).float().mean() > 0.6  # uint8 fixed point (as cv2) vs float rounding
+    ref_lab = F.interpolate(s["label"][None, None].float(), size=size, mode="nearest")[0, 0].long()[20:84, 33:140]
+    assert torch.equal(resize_crop_label(s["label"], size, box), ref_lab)
+
+
+def test_no_padding_when_the_resized_image_covers_the_crop():
+    pipe = SegTrainPipeline((512, 1024), scale=(2048, 1024), generator=torch.Generator().manual_seed(0))
+    label = torch.zeros(1024, 2048, dtype=torch.long)
+    for _ in range(10):
+        geo = pipe.draw(label)
+        assert not geo.padded
+        assert 0.5 <= geo.scale <= 2.0
+
+
+def test_scale_follows_reference_scale_and_ratio_range():
+    g = torch.Generator().manual_seed(0)
+    pipe = SegTrainPipeline((512, 512), scale=(2048, 512), cat_max_ratio=1.0, generator=g)
+    voc = torch.zeros(375, 500, dtype=torch.long)
+    scales = torch.tensor([pipe.draw(voc).scale for _ in range(300)])
+    # mmseg: r ~ U(0.5, 2), short side bound 512 r -> factor 512 r / 375 in [0.68, 2.73]
+    assert scales.min() >= 0.5 * 512 / 375 - 0.01 and scales.max() <= 2.0 * 512 / 375 + 0.01
+    assert scales.mean() == pytest.approx(1.25 * 512 / 375, rel=0.06)
+    padded = sum(pipe.draw(voc).padded for _ in range(300)) / 300
+    assert 0.2 < padded < 0.45  # mmseg: about one third of VOC crops are padded
+
+
+def test_cat_max_ratio_redraws_dominated_crops():
+    label = torch.zeros(256, 256, dtype=torch.long)
+    label[:, 100:150] = 1  # only crops overlapping the band hold two classes
+    def dominated_rate(cat):
+        pipe = SegTrainPipeline((64, 64), scale=(256, 256), ratio_range=None, cat_max_ratio=cat,
+                                generator=torch.Generator().manual_seed(1))
+        n = 0
+        for _ in range(200):
+            crop = resize_crop_label(label, *(lambda g: (g.size, g.box))(pipe.draw(label)))
+            counts = torch.bincount(crop.flatten(), minlength=2).float()
+            n += bool(counts.max() / counts.sum() >= 0.75)
+        return n / 200
+    without, with_ = dominated_rate(1.0), dominated_rate(0.75)
+    assert without > 0.6
+    assert with_ < 0.1 < without / 4
+
+
+def test_ignored_pixels_do_not_count_in_the_ratio():
+    label = torch.full((64, 64), 255, dtype=torch.long)
+    label[:, :8] = 0
+    label[:, 8:12] = 1  # 2 classes: 0 has 2/3 of the non-ignored pixels (< 0.75) -> accepted at once
+    pipe = SegTrainPipeline((64, 64), scale=(64, 64), ratio_range=None, generator=torch.Generator().manual_seed(0))
+    calls = []
+    orig = pipe._box
+    pipe._box = lambda size: calls.append(1) or orig(size)
+    pipe.draw(label)
+    assert len(calls) == 1
+
+
+def test_label_values_untouched_flip_consistent_and_padding():
+    s = _sample(100, 150)
+    s["image"][0] = (s["label"] % 256).to(torch.uint8)  # channel 0 carries the label: geometry must agree
+    pipe = SegTrainPipeline((128, 160), scale=(150, 100), ratio_range=None, cat_max_ratio=1.0, flip_prob=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    out = pipe(s)
+    assert out["image"].shape == (3, 128, 160) and out["image"].dtype == torch.uint8
+    assert out["label"].shape == (128, 160)
+    v = out["valid"][0]
+    assert v.sum() == 100 * 150 and v[:100, :150].all()
+    assert set(out["label"].unique().tolist()) <= set(s["label"].unique().tolist()) | {255}
+    assert (out["label"][~v] == 255).all()
+    assert (out["image"][:, ~v] == torch.tensor([124, 116, 104])[:, None]).all()
+    assert torch.equal(out["label"][:100, :150], s["label"].flip(-1))
+    assert torch.equal(out["image"][0, :100, :150].long(), s["label"].flip(-1) % 256)
+
+
+def test_photometric_on_the_worker_keeps_uint8_and_geometry():
+    s = _sample(64, 64)
+    out = SegTrainPipeline((32, 32), scale=(64, 64), photometric=True,
+                           generator=torch.Generator().manual_seed(0))(s)
+    assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 32, 32)
+
+
+def test_photometric_saturation_matches_hsv_scaling():
+    from densefuse_tasks.seg import pipeline
+    from kornia.color import hsv_to_rgb, rgb_to_hsv
+
+    img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    # coins: no brightness, contrast first but skipped, saturation on, hue off
+    coins = iter([False, True, False, True, False])
+    orig = pipeline._coin
+    pipeline._coin = lambda g: next(coins)
+    try:
+        out = pipeline.photometric_distortion(img, gen, saturation_range=(0.7, 0.7))
+    finally:
+        pipeline._coin = orig
+    hsv = rgb_to_hsv(img[None].float() / 255)
+    hsv[:, 1] *= 0.7
+    ref = (hsv_to_rgb(hsv)[0] * 255 + 1e-3).floor()
+    assert (out.float() - ref).abs().max() <= 1
+
+
+def test_zero_padding_after_normalization():
+    batch = {"image": torch.ones(2, 3, 4, 4), "valid": torch.zeros(2, 1, 4, 4, dtype=torch.bool)}
+    batch["valid"][:, :, :2] = True
+    out = zero_padding(batch)
+    assert out["image"][:, :, :2].eq(1).all() and out["image"][:, :, 2:].eq(0).all()
+
+
+def test_test_pipeline_resizes_the_image_only():
+    s = _sample(375, 500)
+    out = SegTestPipeline((2048, 512))(s)
+    assert out["image"].shape == (3, 512, 683)
+    assert torch.equal(out["label"], s["label"])
+    assert out["ori_size"].tolist() == [375, 500]
+
+
+def test_build_from_config_uses_the_dataset_scales():
+    cfg = {"data": {"type": "cityscapes", "crop_size": [512, 1024], "mean": [123.675, 116.28, 103.53],
+                    "augment": {"flip": True, "photometric": True}}}
+    train = build_train_pipeline(cfg, photometric=False)
+    assert train.scale == (2048, 1024) and train.cat_max_ratio == 0.75 and train.photometric is False
+    assert train.pad_fill == (124, 116, 104)
+    assert build_test_pipeline(cfg).scale == (2048, 1024)
+    assert build_test_pipeline({"data": {**cfg["data"], "test_scale": []}}).scale is None
+    with pytest.raises(ConfigError, match="data.cat_max_ratio"):
+        build_train_pipeline({"data": {**cfg["data"], "cat_max_ratio": 0}})
+    with pytest.raises(ConfigError, match="data.test_scale"):
+        build_test_pipeline({"data": {**cfg["data"], "test_scale": [512]}})
