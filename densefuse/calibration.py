@@ -389,7 +389,7 @@ def fold(model: nn.Module) -> nn.Module:
             target = eq.fold_target(model, name)
         except CalibrationError as e:
             msg = str(e)
-            raise CalibrationError(msg if site in msg else f"fusion site '{site}': {msg}") from None
+            raise CalibrationError(msg if f"'{site}'" in msg else f"fusion site '{site}': {msg}") from None
         eq.check_fold_target(target, site)
         targets.append(target)
     for (_, eq), target in zip(named, targets):

@@ -25,6 +25,8 @@ from tests.conftest import DEFAULT_CONFIG, fold_mismatch, synthetic_batches
 
 #: fresh batches the live statistics are averaged over
 FRESH = 8
+#: calibration batches and batch size of the promise tests (see the module docstring on the batch size)
+CAL_BATCHES, BATCH = 32, 2
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -46,19 +48,18 @@ def consumers(model: nn.Module) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 
 @torch.no_grad()
-def live_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[tuple[str, int], tuple[float, float]]:
+def live_stats(model: nn.Module, batches: list[torch.Tensor], per_batch: bool = False) -> dict:
     """Independent of densefuse: forward pre-hooks on every fusion conv's input, train-mode BN, dropout
-    off, moments pooled over ``batches``. Returns (mean, var) per (site, branch). Works on a copy."""
+    off, moments pooled over ``batches``. Returns (mean, var) per (site, branch); with ``per_batch``,
+    also the standard errors of the mean and of the variance over the batches. Works on a copy."""
     model = copy.deepcopy(model)
-    sums: dict[tuple[str, int], list[float]] = {}
+    sums: dict[tuple[str, int], list[list[float]]] = {}
     handles = []
     for name, (mod, groups) in consumers(model).items():
         def hook(_m, args, name=name, groups=groups):
             for i, part in enumerate(torch.split(args[0], groups, dim=1)):
-                s = sums.setdefault((name, i), [0.0, 0.0, 0])
-                s[0] += part.double().sum().item()
-                s[1] += part.double().square().sum().item()
-                s[2] += part.numel()
+                p = part.double()
+                sums.setdefault((name, i), []).append([p.sum().item(), p.square().sum().item(), p.numel()])
         handles.append(mod.register_forward_pre_hook(hook))  # after smp's equalizer hook: sees its output
     model.train()
     for m in model.modules():
@@ -68,13 +69,30 @@ def live_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[tuple[str,
         model(x)
     for h in handles:
         h.remove()
-    return {k: (s1 / n, s2 / n - (s1 / n) ** 2) for k, (s1, s2, n) in sums.items()}
+    out = {}
+    for k, rows in sums.items():
+        t = torch.tensor(rows, dtype=torch.float64)
+        s1, s2, n = t.sum(0).tolist()
+        mean = s1 / n
+        out[k] = (mean, s2 / n - mean**2)
+        if per_batch:
+            bm = t[:, 0] / t[:, 2]
+            bv = t[:, 1] / t[:, 2] - bm.square()
+            se = lambda v: float(v.std() / len(v) ** 0.5)  # noqa: E731
+            out[k] += (se(bm), se(bv))
+    return out
 
 
-def assert_promise(stats: dict, tol: float = 0.02) -> None:
+def assert_promise(stats: dict, tol: float = 0.02, noise_band: float = 4.0) -> None:
+    """|mean| and |var - 1| within ``tol``, or within ``noise_band`` standard errors of the batch-to-batch
+    sampling noise where that is wider (pooled branches with a few values per channel and batch)."""
     assert stats
-    bad = {k: (round(m, 4), round(v, 4)) for k, (m, v) in stats.items() if abs(m) > tol or abs(v - 1) > tol}
-    assert not bad, f"branches off mean 0 / variance 1 by more than {tol}: {bad}"
+    bad = {}
+    for k, (m, v, *se) in stats.items():
+        se_m, se_v = se if se else (0.0, 0.0)
+        if abs(m) > max(tol, noise_band * se_m) or abs(v - 1) > max(tol, noise_band * se_v):
+            bad[k] = {"mean": round(m, 4), "var": round(v, 4), "se_mean": round(se_m, 4), "se_var": round(se_v, 4)}
+    assert not bad, f"branches off mean 0 / variance 1 by more than {tol} (or {noise_band} standard errors): {bad}"
 
 
 def noise(n: int, seed: int, size: int, batch: int = 2) -> list[torch.Tensor]:
@@ -84,12 +102,17 @@ def noise(n: int, seed: int, size: int, batch: int = 2) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ the promise
 @functools.lru_cache(maxsize=None)
-def calibrated_upernet(channels: int, size: int):
+def calibrated_upernet(channels: int, size: int, n_batches: int = CAL_BATCHES, batch: int = BATCH):
     cfg = upernet_cfg(channels, size)
     torch.manual_seed(0)
     model = densefuse.build_model(cfg)
-    table = densefuse.calibrate(model, synthetic_batches(cfg, n_batches=16, batch_size=4, seed=0))
+    table = densefuse.calibrate(model, synthetic_batches(cfg, n_batches=n_batches, batch_size=batch, seed=0))
     return cfg, model, table
+
+
+def quick_upernet():
+    """A calibrated default UPerNet for the fold and measure checks (which need no precise stats)."""
+    return calibrated_upernet(64, 128, 2, 2)
 
 
 @pytest.mark.parametrize(("channels", "size"), [
@@ -104,8 +127,8 @@ def test_densefuse_upernet_every_branch_enters_at_mean0_var1(channels: int, size
     assert table.attrs["passes"] == 2
     assert table.groupby("site", sort=False)["pass"].first().to_dict() == {
         "decode_head.psp_fusion": 1, "decode_head.fpn_fusion": 2}
-    fresh = synthetic_batches(cfg, n_batches=FRESH, batch_size=4, seed=1)
-    assert_promise(live_stats(model, fresh))
+    fresh = synthetic_batches(cfg, n_batches=FRESH, batch_size=BATCH, seed=1)
+    assert_promise(live_stats(model, fresh, per_batch=True))
 
 
 SMP_ARCHS = {
@@ -117,12 +140,16 @@ SMP_ARCHS = {
 
 
 @functools.lru_cache(maxsize=None)
-def calibrated_smp(arch: str, size: int = 128):
+def calibrated_smp(arch: str, size: int = 128, n_batches: int = 16, batch: int = BATCH):
     torch.manual_seed(0)
     model = dsmp.equalize(getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, classes=3,
                                              **SMP_ARCHS[arch]))
-    table = densefuse.calibrate(model, noise(16, seed=1, size=size))
+    table = densefuse.calibrate(model, noise(n_batches, seed=1, size=size, batch=batch))
     return model, table
+
+
+def quick_smp(arch: str):
+    return calibrated_smp(arch, 64, 2)
 
 
 @pytest.mark.parametrize("arch", list(SMP_ARCHS))
@@ -130,20 +157,7 @@ def test_smp_every_branch_enters_at_mean0_var1(arch: str) -> None:
     model, table = calibrated_smp(arch)
     chained = {"UPerNet": 2, "PSPNet": 1, "DeepLabV3Plus": 2, "FPN": 1}
     assert table.attrs["passes"] == chained[arch]
-    assert_promise(live_stats(model, noise(FRESH, seed=2, size=128)))
-
-
-def test_one_pass_calibration_would_be_stale_for_chained_sites() -> None:
-    """Why the passes matter: the downstream site's input changes once the upstream site equalizes."""
-    model, table = calibrated_smp("UPerNet")
-    stale = copy.deepcopy(model)
-    densefuse.set_mode(stale, "off")
-    off = densefuse.measure(stale, noise(4, seed=3, size=128))
-    live = densefuse.measure(model, noise(4, seed=3, size=128))
-    fb_off = off[off.site == "decoder.fusion_block"]["std"].to_numpy()
-    fb_live = live[live.site == "decoder.fusion_block"]["std"].to_numpy()
-    assert abs(fb_live / fb_off - 1).max() > 0.03  # the FPN levels carry the PSP output: they moved
-    assert (live[live.site == "decoder.fusion_block"]["var_after"] - 1).abs().max() < 0.03
+    assert_promise(live_stats(model, noise(FRESH, seed=2, size=128), per_batch=True))
 
 
 # ------------------------------------------------------------------------------------------ passes
@@ -199,7 +213,7 @@ def test_batches_as_generator_or_function_give_the_same_calibration() -> None:
 
 
 def test_calibrate_restores_bn_buffers_dropout_and_train_flags() -> None:
-    model, _ = calibrated_smp("PSPNet")
+    model, _ = quick_smp("PSPNet")
     model = copy.deepcopy(model)
     model.train()
     model.encoder.eval()
@@ -236,11 +250,11 @@ def test_fewer_images_than_asked_calibrates_with_a_warning() -> None:
 @pytest.mark.parametrize("which", ["densefuse", "smp"])
 def test_measure_agrees_with_an_independent_hook(which: str) -> None:
     if which == "densefuse":
-        cfg, model, _ = calibrated_upernet(64, 128)
-        batches = synthetic_batches(cfg, n_batches=2, batch_size=4, seed=2)
+        cfg, model, _ = quick_upernet()
+        batches = synthetic_batches(cfg, n_batches=1, batch_size=2, seed=2)
     else:
-        model, _ = calibrated_smp("UPerNet")
-        batches = noise(2, seed=7, size=128)
+        model, _ = quick_smp("UPerNet")
+        batches = noise(1, seed=7, size=64)
     table = densefuse.measure(model, batches).set_index(["site", "branch"])
     after = live_stats(model, batches)
     assert set(after) == set(table.index)
@@ -259,7 +273,7 @@ def test_measure_agrees_with_an_independent_hook(which: str) -> None:
 
 
 def test_measure_sees_a_folded_model_as_equalized() -> None:
-    model, _ = calibrated_smp("PSPNet")  # 1x1 consumer: folding is exact
+    model, _ = quick_smp("PSPNet")  # 1x1 consumer: folding is exact
     folded = densefuse.fold(copy.deepcopy(model))
     batches = noise(2, seed=8, size=64)
     a, b = densefuse.measure(model, batches), densefuse.measure(folded, batches)
@@ -280,7 +294,7 @@ def _copying_sync_bn(model: nn.Module) -> nn.Module:
 
 
 def test_fold_after_sync_bn_conversion_changes_the_modules_in_the_model() -> None:
-    cfg, model, _ = calibrated_upernet(64, 128)
+    cfg, model, _ = quick_upernet()
     model = copy.deepcopy(model)
     old_bn = model.decode_head.fpn_fusion.fuse.bn
     old_rm = old_bn.running_mean.clone()
@@ -300,7 +314,7 @@ def test_fold_after_sync_bn_conversion_changes_the_modules_in_the_model() -> Non
 
 
 def test_fold_after_a_state_dict_round_trip_into_a_fresh_model() -> None:
-    cfg, model, _ = calibrated_upernet(64, 128)
+    cfg, model, _ = quick_upernet()
     torch.manual_seed(1)
     fresh = densefuse.build_model(cfg)
     fresh.load_state_dict(model.state_dict())
@@ -309,7 +323,7 @@ def test_fold_after_a_state_dict_round_trip_into_a_fresh_model() -> None:
     diffs = fold_mismatch(copy.deepcopy(model).eval(), fresh.eval(), x)
     assert max(diffs.values()) < 1e-4, diffs
     # smp: a fresh equalized model loads the calibration and folds into its own convs
-    smodel, _ = calibrated_smp("DeepLabV3Plus")
+    smodel, _ = quick_smp("DeepLabV3Plus")
     torch.manual_seed(1)
     sfresh = dsmp.equalize(smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None, classes=3))
     sfresh.load_state_dict(smodel.state_dict())
@@ -334,9 +348,9 @@ class Wrapper(nn.Module):
 @pytest.mark.parametrize("which", ["densefuse", "smp"])
 def test_fold_through_a_wrapper_resolves_the_right_convs(wrap: str, which: str) -> None:
     if which == "densefuse":
-        _, base, _ = calibrated_upernet(64, 128)
+        _, base, _ = quick_upernet()
     else:
-        base, _ = calibrated_smp("DeepLabV3Plus")
+        base, _ = quick_smp("DeepLabV3Plus")
     ref = densefuse.fold(copy.deepcopy(base))
     model = copy.deepcopy(base)
     wrapped = Wrapper(model) if wrap == "ddp" else torch.compile(model, backend="eager")
@@ -347,7 +361,7 @@ def test_fold_through_a_wrapper_resolves_the_right_convs(wrap: str, which: str) 
 
 
 def test_fold_refuses_a_site_without_a_usable_conv_and_leaves_the_model_untouched() -> None:
-    model, _ = calibrated_smp("PSPNet")
+    model, _ = quick_smp("PSPNet")
     model = copy.deepcopy(model)
     model.decoder.conv[0] = nn.Identity()  # the site's conv is gone
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -376,7 +390,7 @@ def test_fold_refuses_a_site_without_a_usable_conv_and_leaves_the_model_untouche
 def test_fold_border_difference_is_the_padded_mean_term() -> None:
     """Per site: the folded fusion conv differs from explicit by exactly :func:`border_offset`, which
     is zero in the interior."""
-    cfg, model, _ = calibrated_upernet(64, 128)
+    cfg, model, _ = quick_upernet()
     explicit = copy.deepcopy(model).eval()
     folded = densefuse.fold(copy.deepcopy(model)).eval()
     x = synthetic_batches(cfg, n_batches=1, batch_size=2, seed=3)[0]
@@ -406,7 +420,7 @@ def test_fold_border_difference_is_the_padded_mean_term() -> None:
 def test_fold_vs_explicit_whole_model_interior_exact() -> None:
     """The whole default UPerNet in eval mode: equal away from the border (the PPM site at 1/32
     spreads its border through the FPN), different but finite near it."""
-    _, model, _ = calibrated_upernet(64, 128)
+    _, model, _ = quick_upernet()
     explicit = copy.deepcopy(model).eval()
     folded = densefuse.fold(copy.deepcopy(model)).eval()
     x = synthetic_batches(upernet_cfg(64, 256), n_batches=1, batch_size=2, seed=3)[0]

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             dt_s = (time.perf_counter() - t0) / args.steps
             if r >= args.warmup:
                 rows.append({"round": r - args.warmup, "mode": mode, "step_s": dt_s})
+            print(f"round {r - args.warmup:>3} {mode:<8} {dt_s:8.3f} s/step{' (warmup)' if r < args.warmup else ''}",
+                  flush=True)
     steps = pd.DataFrame(rows)
     wide = steps.pivot(index="round", columns="mode", values="step_s")
     summary = []

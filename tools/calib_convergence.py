@@ -51,7 +51,7 @@ def build_cfg(config: Optional[str]) -> tuple[dict, str]:
 def synthetic_images(cfg: dict, n: int, seed: int) -> Optional[Tensor]:
     """``n`` normalized synthetic scenes (N,3,H,W), or None when the seg task is not importable."""
     try:
-        from densefuse_densefuse_tasks.seg.datasets import SyntheticSeg
+        from densefuse_tasks.seg.datasets import SyntheticSeg
     except ImportError:
         return None
     size = cfg["data"]["crop_size"]
