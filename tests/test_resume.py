@@ -109,7 +109,7 @@ def test_resume_with_another_config_names_the_keys(tmp_path, reference):
     run_killed(wd, kill_at=4)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in wd.iterdir())
     with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002.*train\.iters: 8 -> 10"):
-        train(tiny_cfg("optim.lr=2e-3", "train.iters=10"), wd, resume=True)
+        train(tiny_cfg("optim.lr=0.002", "train.iters=10"), wd, resume=True)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in wd.iterdir()) == before
     # keys documented as safe may change
     train(tiny_cfg("train.log_interval=4", "eval.batch_size=1"), wd, resume=True)

@@ -7,9 +7,12 @@ NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
-from typing import Any, Callable, Optional, TypeVar
+import sys
+import tempfile
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -67,12 +70,33 @@ def init_from_env(device_type: str, timeout_s: float = 1800.0) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
-        dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
+        with _quiet_native_stderr():
+            dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DensefuseError(f"cannot join the process group at {where} within {timeout_s:g}s "
                              f"(train.dist_timeout): {first}") from None
     return True
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Hold back what native code writes to stderr (c10d prints every failed connection attempt with a
+    C++ stack): replayed when the block succeeds, dropped when it raises (its exception says it all)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                buf.seek(0)
+                sys.stderr.write(buf.read().decode(errors="replace"))
 
 
 def shutdown() -> None:
