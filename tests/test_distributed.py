@@ -1,4 +1,5 @@
 """Distributed: calibration sums all-reduced across ranks; torchrun with 2 gloo processes on CPU."""
+import copy
 import os
 import re
 import socket
@@ -124,3 +125,15 @@ def test_unreachable_rendezvous_is_a_clear_error_not_a_hang(tmp_path):
     assert proc.stderr.startswith(f"error: cannot join the process group at 127.0.0.1:{env['MASTER_PORT']} within 5s")
     assert time.time() - t0 < 240
     assert not (tmp_path / "run").exists()
+
+
+def test_cpu_sync_batchnorm_is_batchnorm_in_one_process():
+    from densefuse.engine.distributed import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    synced = convert_sync_batchnorm(copy.deepcopy(model), "cpu")
+    assert type(synced[1]).__name__ == "_SyncBatchNormCPU"
+    assert synced.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(x), synced(x))

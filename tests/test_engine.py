@@ -114,6 +114,9 @@ def test_run_writes_its_files_and_best_follows_the_metric_direction(tmp_path):
     assert best["metrics"]["mIoU"] == pytest.approx(hist["mIoU"].max())
     assert best["iter"] == int(hist["iter"][hist["mIoU"].idxmax()])
     assert "done: best mIoU" in (wd / "log.txt").read_text()
+    per_class = pd.read_csv(wd / "per_class.csv")
+    assert list(per_class.columns[:3]) == ["iter", "class", "IoU"] and len(per_class) == 6
+    assert set(per_class["iter"]) == {8}
     task = get_task("seg")
     assert task.is_better(2.0, 1.0) and not task.is_better(1.0, 2.0)
     # checkpoints follow the umask like every other file, not the temp file's 0600
@@ -180,3 +183,21 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert not torch.equal(wa[conv], load_checkpoint(tmp_path / "a" / "latest.pth")["model"][conv] * 0)
     # BN batch statistics differ between 2 and 4 images, so compare loosely but not trivially
     assert torch.allclose(wa[conv], wb[conv], atol=5e-3)
+
+
+def test_tensorboard_without_the_package_is_a_config_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(DensefuseError, match="tensorboard package is not installed"):
+        train(tiny_cfg("train.tensorboard=true"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_config_differences_leave_out_safe_keys():
+    from densefuse.engine.state import config_differences
+
+    a = {"train": {"iters": 8, "log_interval": 1}, "data": {"num_workers": 0}, "seed": 0}
+    b = {"train": {"iters": 9, "log_interval": 5}, "data": {"num_workers": 4}, "seed": 1}
+    assert config_differences(a, b) == ["seed", "train.iters"]
