@@ -65,11 +65,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="ddp.csv")
     args = ap.parse_args()
-    rows, reference = [], None
+    rows, logs, reference = [], [], None
     with tempfile.TemporaryDirectory() as d:
         for n in [int(x) for x in args.nprocs.split(",")]:
             log = run(n, args, Path(d) / f"n{n}")
             reference = log if reference is None else reference
+            logs.append(log.assign(processes=n, loss_diff_vs_first=(log["loss"] - reference["loss"]).abs()))
             rows.append({
                 "processes": n, "batch_per_process": args.global_batch // n, "global_batch": args.global_batch,
                 "size": args.size, "iters": args.iters, "img_per_s": float(log["img_per_s"].iloc[-1]),
@@ -80,6 +81,7 @@ def main() -> None:
     print(f"device {args.device}, {os.cpu_count()} CPU cores, img/s over the whole loop")
     print(table.to_markdown(index=False, floatfmt=".4g"))
     table.to_csv(args.out, index=False)
+    pd.concat(logs).to_csv(Path(args.out).with_suffix(".iters.csv"), index=False)
     print(f"wrote {args.out}")
 
 

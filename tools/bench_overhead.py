@@ -23,6 +23,8 @@ from densefuse.data.loader import build_loader
 from densefuse.engine import Trainer, build_optimizer
 from densefuse.engine.logger import RunLogger
 from densefuse.engine.runtime import to_device
+from densefuse.engine.trainer import calibration_batches
+from densefuse.equalizer import calibrate
 from densefuse.tasks import get_task
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "seg" / "synthetic_upernet_r18.yaml"
@@ -34,10 +36,14 @@ def _median_gap(stamps: list[float], skip: int) -> float:
 
 
 def bare(cfg: densefuse.Config, iters: int, skip: int, with_loader: bool) -> float:
-    """A plain loop: model(x) -> loss -> backward -> AdamW step, timed per iteration."""
+    """A plain loop: model(x) -> loss -> backward -> AdamW step, timed per iteration (the model is
+    calibrated first, as the Trainer does, so the equalizers run in the forward)."""
     torch.manual_seed(0)
     task = get_task("seg", cfg)
     model = task.build_model(cfg)
+    cpu = torch.device("cpu")
+    calibrate(model, calibration_batches(task, cfg, task.build_dataset(cfg, cfg["data"]["train_split"]), cpu),
+              num_images=cfg["calibration"]["num_images"], forward=task.forward)
     model.train()
     opt = build_optimizer(model, cfg["optim"])
     bs, (h, w) = cfg["train"]["batch_size"], cfg["data"]["crop_size"]

@@ -138,10 +138,12 @@ class Trainer:
             loop = _Loop(**state["loop"])
             restore_rng(state["rng"][dist.rank()])
             logger.info(f"resumed from iteration {loop.iter}")
-        return self._loop(model, train_model, step, loop, ckpt, logger, train_set, val_set)
+        return self._loop(model, step, loop, ckpt, logger, train_set, val_set)
 
-    def _loop(self, model: nn.Module, train_model: nn.Module, step: TrainStep, loop: "_Loop", ckpt: Checkpointer,
-              logger: RunLogger, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
+    def _loop(self, model: nn.Module, step: TrainStep, loop: "_Loop", ckpt: Checkpointer, logger: RunLogger,
+              train_set: Dataset, val_set: Dataset) -> dict[str, float]:
+        """Steps, periodic evaluation and checkpoints; ``model`` is the plain module, ``step`` holds the
+        DDP/compiled one."""
         cfg, task, dev, tc = self.cfg, self.task, self.device, self.cfg["train"]
         train_tf, eval_tf = task.build_transform(cfg, train=True), task.build_transform(cfg, train=False)
         val_loader = self._loader(val_set, cfg["eval"]["batch_size"], train=False)
