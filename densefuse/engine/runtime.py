@@ -111,8 +111,10 @@ class WorkDir:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise DensefuseError(f"work dir {wd} holds files densefuse did not create ({shown}); "
                                  "choose an empty or new --work-dir")
+        if not resume and "config.yaml" in entries and any(e in entries for e in ("latest.pth", "final.pth")):
+            raise DensefuseError(f"work dir {wd} already holds a run; pass --resume or choose another --work-dir")
         foreign = [e for e in entries if not _is_run_file(e)]
-        if foreign:
+        if foreign and not resume:  # a run's own dir may hold the user's extra files (eval CSVs): left alone
             raise DensefuseError(f"work dir {wd} holds files densefuse did not create ({', '.join(foreign[:3])}); "
                                  "choose another --work-dir")
         try:
