@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "decode_head": {"type": "uper"},
         "auxiliary_head": None,
         "smp": {"arch": "UPerNet", "encoder_name": "resnet18", "kwargs": {}},
+        "sync_bn": None,  # null: SyncBatchNorm when training on more than one process
     },
     "data": {
         "type": "synthetic",
@@ -58,8 +59,14 @@ DEFAULTS: dict[str, Any] = {
         "val_interval": 500,
         "log_interval": 20,
         "ckpt_interval": 500,
-        "amp": False,
+        "amp": "off",  # off | fp16 (CUDA) | bf16 (CUDA or CPU)
         "grad_clip": None,
+        "accum_steps": 1,  # micro-batches of batch_size per optimizer step
+        "channels_last": False,
+        "compile": False,  # torch.compile the model
+        "keep_last": 1,  # iter_<N>.pth checkpoints kept besides latest.pth
+        "tensorboard": False,  # also write TensorBoard scalars (needs the tensorboard package)
+        "dist_timeout": 1800,  # seconds to wait for the other processes (rendezvous, collectives)
     },
     "optim": {"type": "adamw", "lr": 1.0e-3, "weight_decay": 0.01, "momentum": 0.9,
               "betas": [0.9, 0.999], "norm_decay": True},

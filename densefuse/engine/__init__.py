@@ -1,6 +1,9 @@
-"""Training and evaluation loops, optimizers and schedules, checkpoints."""
-from .checkpoint import load_checkpoint, save_checkpoint
+"""Training and evaluation: the loop and its parts (runtime, distributed, step, state, evaluate, logger),
+optimizers and schedules, the mode comparison."""
+from .evaluate import evaluate, evaluate_full
 from .optim import build_optimizer, build_scheduler
-from .trainer import Trainer, evaluate
+from .state import Checkpointer, load_checkpoint, save_checkpoint
+from .trainer import Trainer
 
-__all__ = ["Trainer", "build_optimizer", "build_scheduler", "evaluate", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpointer", "Trainer", "build_optimizer", "build_scheduler", "evaluate", "evaluate_full",
+           "load_checkpoint", "save_checkpoint"]

@@ -1,91 +1,76 @@
-"""Single-process, iteration-based trainer (mmseg's IterBasedTrainLoop, without the indirection).
+"""Iteration-based trainer (mmseg's IterBasedTrainLoop, without the indirection); it only sequences
+the parts: :mod:`.runtime` (seeds, RNG, work dir), :mod:`.distributed` (torchrun, SyncBN, DDP),
+:mod:`.step` (AMP, accumulation, clipping), :mod:`.state` (checkpoints), :mod:`.evaluate` and
+:mod:`.logger`.
 
-Before step 0: build the model, calibrate the scale equalizers on training images (unless every
-site is ``off``) and fold them when the mode is ``fold``. Every ``val_interval`` the task metric is
-computed on the validation split and appended to ``metrics.csv``. Checkpoints are atomic and hold
-everything needed to resume.
+Before step 0: build the model, convert BN to SyncBN (``model.sync_bn``; default on with more than one
+process), calibrate the scale equalizers on training images (once, statistics all-reduced, identical on
+every rank; not again on resume: they are in the state_dict), fold when the mode is ``fold``, then wrap
+in DDP (and ``torch.compile`` when ``train.compile``).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, dump
+from ..config import Config
 from ..data.loader import build_loader
 from ..equalizer import calibrate, equalizers, fold
-from ..errors import DensefuseError
+from ..errors import ConfigError
 from ..tasks import Task, get_task
-from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from . import distributed as dist
+from .evaluate import evaluate, evaluate_full, summary_only
+from .logger import RunLogger, check_tensorboard
 from .optim import build_optimizer, build_scheduler
+from .runtime import WorkDir, capture_rng, default_work_dir, resolve_device, restore_rng, seed_everything, to_device
+from .state import Checkpointer, load_model_state
+from .step import TrainStep, check_amp
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DensefuseError(f"device '{name}' requested but CUDA is not available")
-    return torch.device(name)
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def default_work_dir(cfg: Mapping[str, Any]) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-    return Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / stamp
+__all__ = ["Trainer", "calibration_batches", "evaluate", "evaluate_full", "resolve_device", "seed_everything",
+           "to_device"]
 
 
 def calibration_batches(task: Task, cfg: Mapping[str, Any], dataset: Dataset, device: torch.device,
-                        seed: Optional[int] = None) -> Iterator[dict[str, Any]]:
+                        seed: Optional[int] = None, min_batch: int = 2) -> Iterator[dict[str, Any]]:
     """Training images, normalized but not augmented (Algorithm 1 iterates over the training set), in
-    a seeded shuffled order; at least 2 per batch because BN runs in train mode."""
+    a seeded shuffled order. Under torch.distributed each rank takes its shard with ``batch_size / world``
+    images per batch, so the ranks together see the single-process batches. At least ``min_batch`` per
+    batch (BN runs in train mode; 1 is enough with SyncBN across ranks)."""
     c = cfg["calibration"]
-    loader = build_loader(dataset, max(2, c["batch_size"]), train=True, num_workers=cfg["data"]["num_workers"],
+    per_rank = max(min_batch, math.ceil(c["batch_size"] / dist.world_size()))
+    loader = build_loader(dataset, per_rank, train=True, num_workers=cfg["data"]["num_workers"],
                           seed=cfg["seed"] if seed is None else seed)
     tf = task.build_transform(cfg, train=False)
     return (tf(to_device(b, device)) for b in loader)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    task: Task,
-    loader: Iterable[Mapping[str, Any]],
-    transform: Callable[[dict], dict],
-    device: torch.device,
-) -> dict[str, float]:
-    """Run the task metric over ``loader`` in eval mode; the model's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    metric = task.metric(task.cfg)
-    metric.reset()
-    for batch in loader:
-        batch = transform(to_device(batch, device))
-        metric.update(task.forward(model, batch), batch)
-    model.train(was_training)
-    return metric.compute()
+def check_train_config(cfg: Mapping[str, Any], device: torch.device) -> None:
+    """Value checks of the ``train`` keys this engine reads, before any work starts."""
+    tc = cfg["train"]
+    check_amp(tc["amp"], device)
+    check_tensorboard(bool(tc["tensorboard"]))
+    for key, low in (("iters", 1), ("batch_size", 1), ("accum_steps", 1), ("log_interval", 1),
+                     ("val_interval", 1), ("ckpt_interval", 1), ("keep_last", 0)):
+        if int(tc[key]) < low:
+            raise ConfigError(f"train.{key} must be >= {low}, got {tc[key]}")
+    if float(tc["dist_timeout"]) <= 0:
+        raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {tc['dist_timeout']}")
 
 
 class Trainer:
-    """Trains ``cfg`` in ``work_dir``. ``progress=None`` shows a progress bar only on a TTY."""
+    """Trains ``cfg`` in ``work_dir``. ``progress=None`` shows a progress bar only on a TTY.
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) the constructor joins the process group
+    (NCCL on GPUs, gloo on CPU); rank 0's work dir is used by every rank.
+    """
 
     def __init__(
         self,
@@ -96,134 +81,162 @@ class Trainer:
         log: Callable[[str], None] = print,
     ) -> None:
         self.cfg = cfg
-        self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir(cfg)
         self.resume = resume
-        self.progress = sys.stderr.isatty() if progress is None else progress
-        self._print = log
         self.task = get_task(cfg["task"], cfg)
         self.device = resolve_device(cfg["device"])
+        check_train_config(cfg, self.device)
+        self._owns_group = dist.init_from_env(self.device.type, float(cfg["train"]["dist_timeout"]))
+        if dist.is_distributed() and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank())
+        wd = Path(work_dir) if work_dir is not None else default_work_dir(cfg)
+        self.work_dir = Path(dist.broadcast_object(str(wd)))
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main()
+        self._print = log
 
-    # ------------------------------------------------------------------ helpers
-    def log(self, msg: str, echo: bool = True) -> None:
-        with open(self.work_dir / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"{_dt.datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
-        if echo:
-            self._print(msg)
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, float]:
+        """Train to ``train.iters`` and return the last evaluation's metrics."""
+        wd = WorkDir(self.work_dir)
+        try:
+            dist.on_main(lambda: wd.open(self.cfg, self.resume))
+            with RunLogger(self.work_dir, dist.is_main(), self.progress, self._print,
+                           bool(self.cfg["train"]["tensorboard"])) as logger:
+                return self._run(logger)
+        finally:
+            wd.close()
+            if self._owns_group:
+                dist.shutdown()
 
-    def _prepare_work_dir(self) -> None:
-        wd = self.work_dir
-        if wd.exists() and (wd / "config.yaml").exists() and not self.resume:
-            raise DensefuseError(f"work dir {wd} already holds a run; pass --resume or choose another --work-dir")
-        if self.resume and not (wd / "latest.pth").exists():
-            raise DensefuseError(f"nothing to resume in {wd} (no latest.pth)")
-        wd.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
-            dump(self.cfg, wd / "config.yaml")
+    def _run(self, logger: RunLogger) -> dict[str, float]:
+        cfg, task, dev, tc = self.cfg, self.task, self.device, self.cfg["train"]
+        ckpt = Checkpointer(self.work_dir, tc["keep_last"])
+        state = dist.on_main(lambda: ckpt.load_latest("cpu", self.cfg.to_dict())) if self.resume else None
+        if state is not None and int(state.get("world_size", 1)) != dist.world_size():
+            raise ConfigError(f"{ckpt.latest} was trained with {state.get('world_size', 1)} processes; "
+                              f"resume it with as many (now {dist.world_size()})")
+        logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}",
+                    echo=False)
+        seed_everything(cfg["seed"])  # identical model and calibration on every rank
+        train_set = task.build_dataset(cfg, cfg["data"]["train_split"])
+        val_set = task.build_dataset(cfg, cfg["data"]["val_split"])
+        model = self._build_model()
+        if state is not None:
+            load_model_state(model, state, self.work_dir / "latest.pth")
+        else:
+            self._calibrate(model, train_set, logger)
+        optimizer = build_optimizer(model, cfg["optim"])
+        scheduler = build_scheduler(optimizer, cfg["schedule"], tc["iters"])
+        train_model = dist.wrap_ddp(model, dev)
+        if tc["compile"]:
+            train_model = torch.compile(train_model)
+        step = TrainStep(train_model, task, optimizer, scheduler, dev, tc["amp"], tc["grad_clip"], tc["channels_last"])
+        loop = _Loop.fresh()
+        if state is None:
+            seed_everything(cfg["seed"] + dist.rank())  # different augmentation per rank
+        else:
+            step.load_state_dict(state)
+            loop = _Loop(**state["loop"])
+            restore_rng(state["rng"][dist.rank()])
+            logger.info(f"resumed from iteration {loop.iter}")
+        return self._loop(model, step, loop, ckpt, logger, train_set, val_set)
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool, start_iter: int = 0) -> DataLoader:
-        return build_loader(dataset, batch_size, train=train, num_workers=self.cfg["data"]["num_workers"],
-                            seed=self.cfg["seed"], start_iter=start_iter)
+    def _loop(self, model: nn.Module, step: TrainStep, loop: "_Loop", ckpt: Checkpointer, logger: RunLogger,
+              train_set: Dataset, val_set: Dataset) -> dict[str, float]:
+        """Steps, periodic evaluation and checkpoints; ``model`` is the plain module, ``step`` holds the
+        DDP/compiled one."""
+        cfg, task, dev, tc = self.cfg, self.task, self.device, self.cfg["train"]
+        train_tf, eval_tf = task.build_transform(cfg, train=True), task.build_transform(cfg, train=False)
+        val_loader = self._loader(val_set, cfg["eval"]["batch_size"], train=False)
+        accum, total = int(tc["accum_steps"]), int(tc["iters"])
+        batches = iter(self._loader(train_set, tc["batch_size"], train=True, start_iter=loop.iter * accum))
+        images_per_iter = tc["batch_size"] * accum * dist.world_size()
+        t_start, elapsed_before = time.time(), loop.elapsed
+        model.train()
+        logger.start(loop.iter, total)
+        for it in range(loop.iter, total):
+            loss, parts = step([train_tf(to_device(next(batches), dev)) for _ in range(accum)], it)
+            done = loop.iter = it + 1
+            loop.add({"loss": loss, **parts})
+            report = done % tc["log_interval"] == 0 or done == total
+            shown = dist.all_reduce_mean([loss])[0] if report else loss
+            logger.iteration(done, shown, step.lr(), images_per_iter, report)
+            loop.elapsed = elapsed_before + time.time() - t_start
+            if done % tc["val_interval"] == 0 or done == total:
+                self._evaluate(model, loop, step, val_loader, eval_tf, ckpt, logger)
+            if done % tc["ckpt_interval"] == 0 or done == total:
+                self._save(model, step, loop, ckpt)
+        logger.close()
+        if dist.is_main():
+            ckpt.save_weights("final.pth", self._weights(model, loop))
+            self._save_predictions(model, val_loader, eval_tf)
+        self._summary(loop, logger)
+        return dict(loop.metrics)
 
-    def calibrate(self, model: nn.Module, dataset: Dataset) -> Optional[pd.DataFrame]:
+    # ------------------------------------------------------------------ parts of the run
+    def _build_model(self) -> nn.Module:
+        cfg, dev = self.cfg, self.device
+        model = self.task.build_model(cfg).to(dev)
+        if self._synced_bn():
+            model = dist.convert_sync_batchnorm(model, dev.type)
+        if cfg["train"]["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _synced_bn(self) -> bool:
+        sync = self.cfg["model"]["sync_bn"]
+        return dist.is_distributed() and (sync is None or bool(sync))
+
+    def _calibrate(self, model: nn.Module, dataset: Dataset, logger: RunLogger) -> Optional[pd.DataFrame]:
         """Calibrate every equalizer on training images (normalized, not augmented) and fold if asked."""
         eqs = list(equalizers(model))
         if not eqs or all(eq.mode == "off" for _, eq in eqs):
             return None
         n = self.cfg["calibration"]["num_images"] or len(dataset)
         t0 = time.time()
-        table = calibrate(model, calibration_batches(self.task, self.cfg, dataset, self.device), num_images=n,
-                          forward=self.task.forward)
-        table.to_csv(self.work_dir / "calibration.csv", index=False)
-        self.log(f"calibrated {len(eqs)} fusion sites on {n} images in {time.time() - t0:.1f}s -> calibration.csv")
+        batches = calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=1 if self._synced_bn() else 2)
+        table = calibrate(model, batches, num_images=math.ceil(n / dist.world_size()), forward=self.task.forward)
+        if dist.is_main():
+            table.to_csv(self.work_dir / "calibration.csv", index=False)
+        logger.info(f"calibrated {len(eqs)} fusion sites on {n} images in {time.time() - t0:.1f}s -> calibration.csv")
         if any(eq.mode == "fold" for _, eq in eqs):
             fold(model)
-            self.log("folded the equalizers into the fusion convs (Algorithm 1)")
+            logger.info("folded the equalizers into the fusion convs (Algorithm 1)")
         return table
 
-    # ------------------------------------------------------------------ main loop
-    def run(self) -> dict[str, float]:
-        cfg, task, dev = self.cfg, self.task, self.device
-        tc = cfg["train"]
-        self._prepare_work_dir()
-        seed_everything(cfg["seed"])
-        train_set = task.build_dataset(cfg, cfg["data"]["train_split"])
-        val_set = task.build_dataset(cfg, cfg["data"]["val_split"])
-        model = task.build_model(cfg).to(dev)
-        optimizer = build_optimizer(model, cfg["optim"])
-        scheduler = build_scheduler(optimizer, cfg["schedule"], tc["iters"])
-        start = 0
-        if self.resume:
-            state = load_checkpoint(self.work_dir / "latest.pth", map_location=dev)
-            load_model_state(model, state, self.work_dir / "latest.pth")
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start = int(state["iter"])
-            self.log(f"resumed from iteration {start}")
-        else:
-            self.calibrate(model, train_set)
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, start_iter: int = 0) -> DataLoader:
+        return build_loader(dataset, batch_size, train=train, num_workers=self.cfg["data"]["num_workers"],
+                            seed=self.cfg["seed"], start_iter=start_iter)
 
-        train_tf = task.build_transform(cfg, train=True)
-        eval_tf = task.build_transform(cfg, train=False)
-        val_loader = self._loader(val_set, cfg["eval"]["batch_size"], train=False)
-        batches = iter(self._loader(train_set, tc["batch_size"], train=True, start_iter=start))
-        use_amp = bool(tc["amp"]) and dev.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        model.train()
-        history: list[dict[str, Any]] = self._read_history() if self.resume else []
-        running: dict[str, float] = {}
-        n_running, t_start, last_metrics = 0, time.time(), {}
-        bar = self._bar(start, tc["iters"])
-        for it in range(start, tc["iters"]):
-            batch = train_tf(to_device(next(batches), dev))
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                outputs = task.forward(model, batch)
-                loss, parts = task.loss(outputs, batch)
-            loss_value = loss.detach().item()
-            if not math.isfinite(loss_value):
-                raise DensefuseError(f"loss became {loss_value} at iteration {it + 1}; lower optim.lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc["grad_clip"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for k, v in {"loss": loss_value, **parts}.items():
-                running[k] = running.get(k, 0.0) + float(v)
-            n_running += 1
-            done = it + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-            if done % tc["log_interval"] == 0 or done == tc["iters"]:
-                speed = (done - start) * tc["batch_size"] / max(time.time() - t_start, 1e-9)
-                self.log(f"iter {done}/{tc['iters']} loss {loss_value:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                         f"{speed:.1f} img/s", echo=False)
-            is_last = done == tc["iters"]
-            if done % tc["val_interval"] == 0 or is_last:
-                last_metrics = evaluate(model, task, val_loader, eval_tf, dev)
-                # summary metrics go to metrics.csv; per-class ones ("IoU.<class>") to per_class.csv
-                summary_metrics = {k: float(v) for k, v in last_metrics.items() if "." not in k}
-                row = {"iter": done, "lr": scheduler.get_last_lr()[0], "time_s": round(time.time() - t_start, 2)}
-                row.update({k: v / max(n_running, 1) for k, v in running.items()})
-                row.update(summary_metrics)
-                history.append(row)
-                pd.DataFrame(history).to_csv(self.work_dir / "metrics.csv", index=False)
-                per_class = {k: float(v) for k, v in last_metrics.items() if "." in k}
-                if per_class:
-                    pd.Series(per_class, name=f"iter_{done}").to_csv(self.work_dir / "per_class.csv")
-                running, n_running = {}, 0
-                summary = " ".join(f"{k} {v:.2f}" for k, v in summary_metrics.items())
-                self.log(f"eval @ iter {done}: {summary}", echo=not self.progress)
-                if bar is not None:
-                    bar.write(f"eval @ iter {done}: {summary}")
-            if done % tc["ckpt_interval"] == 0 or is_last:
-                self._save(model, optimizer, scheduler, done, last_metrics, final=is_last)
-        if bar is not None:
-            bar.close()
-        self._save_predictions(model, val_loader, eval_tf)
-        return last_metrics
+    def _evaluate(self, model: nn.Module, loop: "_Loop", step: TrainStep, loader: Iterable[Mapping[str, Any]],
+                  transform: Callable[[dict], dict], ckpt: Checkpointer, logger: RunLogger) -> None:
+        metrics, tables = evaluate_full(model, self.task, loader, transform, self.device, step.dtype)
+        loop.metrics = metrics
+        summary = summary_only(metrics)
+        means = loop.take_means()
+        row = {"iter": loop.iter, "lr": step.lr(), "time_s": round(loop.elapsed, 2), **means, **summary}
+        loop.history.append(row)
+        logger.evaluation(loop.iter, loop.history, tables)
+        value = summary.get(self.task.primary_metric)
+        if value is not None and math.isfinite(value) and self.task.is_better(value, loop.best):
+            loop.best, loop.best_iter = value, loop.iter
+            if dist.is_main():
+                ckpt.save_weights("best.pth", self._weights(model, loop))
+
+    def _weights(self, model: nn.Module, loop: "_Loop") -> dict[str, Any]:
+        return {"model": model.state_dict(), "iter": loop.iter, "config": self.cfg.to_dict(),
+                "metrics": summary_only(loop.metrics)}
+
+    def _save(self, model: nn.Module, step: TrainStep, loop: "_Loop", ckpt: Checkpointer) -> None:
+        rng = dist.all_gather_object(capture_rng())  # every rank's RNG; rank 0 writes them all
+        if dist.is_main():
+            state = {**self._weights(model, loop), **step.state_dict(), "loop": loop.state_dict(), "rng": rng,
+                     "world_size": dist.world_size()}
+            ckpt.save(state, loop.iter)
+
+    def _summary(self, loop: "_Loop", logger: RunLogger) -> None:
+        name = self.task.primary_metric
+        best = f"best {name} {loop.best:.2f} at iter {loop.best_iter}" if loop.best is not None else f"no {name}"
+        logger.info(f"done: {best}; checkpoints in {self.work_dir} (latest.pth, best.pth, final.pth)")
 
     @torch.no_grad()
     def _save_predictions(self, model: nn.Module, loader: Iterable[Mapping[str, Any]], transform: Callable[[dict], dict],
@@ -251,26 +264,33 @@ class Trainer:
             grid = torch.cat([top.to(bottom.dtype), bottom], dim=-2).permute(1, 2, 0).numpy()
             Image.fromarray(grid).save(self.work_dir / "predictions.png")
 
-    def _bar(self, start: int, total: int) -> Any:
-        if not self.progress:
-            return None
-        from tqdm import tqdm
 
-        return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+class _Loop:
+    """The loop's own state (checkpointed): iteration, running loss sums since the last evaluation,
+    metric history, best primary metric, training time so far."""
 
-    def _read_history(self) -> list[dict[str, Any]]:
-        p = self.work_dir / "metrics.csv"
-        return pd.read_csv(p).to_dict("records") if p.exists() else []
+    def __init__(self, iter: int, running: dict[str, float], n_running: int, history: list[dict[str, Any]],
+                 best: Optional[float], best_iter: Optional[int], elapsed: float, metrics: dict[str, float]) -> None:
+        self.iter, self.running, self.n_running = int(iter), dict(running), int(n_running)
+        self.history, self.best, self.best_iter = list(history), best, best_iter
+        self.elapsed, self.metrics = float(elapsed), dict(metrics)
 
-    def _save(self, model: nn.Module, optimizer: Any, scheduler: Any, it: int, metrics: dict, final: bool) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "iter": it,
-            "config": self.cfg.to_dict(),
-            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        }
-        save_checkpoint(self.work_dir / "latest.pth", state)
-        if final:
-            save_checkpoint(self.work_dir / "final.pth", {k: state[k] for k in ("model", "iter", "config", "metrics")})
+    @classmethod
+    def fresh(cls) -> "_Loop":
+        return cls(0, {}, 0, [], None, None, 0.0, {})
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            self.running[k] = self.running.get(k, 0.0) + float(v)
+        self.n_running += 1
+
+    def take_means(self) -> dict[str, float]:
+        """Mean of each running value since the last call, over iterations and ranks; resets the sums."""
+        keys = sorted(self.running)
+        means = dist.all_reduce_mean([self.running[k] / max(self.n_running, 1) for k in keys])
+        self.running, self.n_running = {}, 0
+        return dict(zip(keys, means))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iter": self.iter, "running": self.running, "n_running": self.n_running, "history": self.history,
+                "best": self.best, "best_iter": self.best_iter, "elapsed": self.elapsed, "metrics": self.metrics}

@@ -1,0 +1,74 @@
+"""Evaluation with the task metric: each rank takes its shard of the loader, the metric all-reduces."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..tasks import Task
+from .runtime import to_device
+from .step import autocast
+
+
+@torch.no_grad()
+def evaluate_full(
+    model: nn.Module,
+    task: Task,
+    loader: Iterable[Mapping[str, Any]],
+    transform: Callable[[dict], dict],
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """``(summary, tables)`` of the task metric over ``loader`` in eval mode (mode restored after).
+
+    ``summary`` is what ``metric.compute()`` returns; ``tables`` is ``metric.tables()``, or for a metric
+    that still puts per-class values into ``compute()`` as ``"<name>.<class>"`` keys, one table
+    ``per_class`` with a row per class and a column per name.
+    """
+    was_training = model.training
+    model.eval()
+    metric = task.metric(task.cfg)
+    metric.reset()
+    try:
+        for batch in loader:
+            batch = transform(to_device(batch, device))
+            with autocast(device, amp_dtype):
+                outputs = task.forward(model, batch)
+            metric.update(outputs, batch)
+    finally:
+        model.train(was_training)
+    summary = {k: float(v) for k, v in metric.compute().items()}
+    tables = metric.tables() if hasattr(metric, "tables") else _dotted_table(summary)
+    return summary, dict(tables)
+
+
+def _dotted_table(summary: Mapping[str, float]) -> dict[str, pd.DataFrame]:
+    columns: dict[str, dict[str, float]] = defaultdict(dict)
+    for key, value in summary.items():
+        if "." in key:
+            name, cls = key.split(".", 1)
+            columns[name][cls] = value
+    if not columns:
+        return {}
+    frame = pd.DataFrame(columns)
+    frame.index.name = "class"
+    return {"per_class": frame.reset_index()}
+
+
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    loader: Iterable[Mapping[str, Any]],
+    transform: Callable[[dict], dict],
+    device: torch.device,
+) -> dict[str, float]:
+    """The task metric's summary over ``loader`` (see :func:`evaluate_full` for the tables)."""
+    return evaluate_full(model, task, loader, transform, device)[0]
+
+
+def summary_only(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The flat summary metrics (per-class ``"<name>.<class>"`` keys left out)."""
+    return {k: float(v) for k, v in metrics.items() if "." not in k}

@@ -1,0 +1,156 @@
+"""Run-time plumbing: seeds and RNG state, the device, batches on the device, and the work dir.
+
+The work dir belongs to one run at a time (an ``flock`` on ``.densefuse.lock``, released by the OS even
+when the process is killed) and densefuse only writes into a directory it created: an existing
+directory must be empty or hold a densefuse run (its ``config.yaml``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from ..config import dump
+from ..errors import ConfigError, DensefuseError
+
+LOCK_NAME = ".densefuse.lock"
+#: files and folders densefuse writes into a work dir
+RUN_FILES = ("config.yaml", "log.txt", "metrics.csv", "per_class.csv", "calibration.csv", "predictions.png",
+             "latest.pth", "best.pth", "final.pth", "tensorboard", LOCK_NAME)
+_ITER_CKPT = re.compile(r"^iter_\d+\.pth$")
+#: temp files of :func:`densefuse.engine.state.atomic_write`: ``.<name>.<random>``
+_TEMP = re.compile(r"^\.(?:[\w.-]+)\.(?:pth|csv|yaml)\.\w+$")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state of this process, as ``torch.load(weights_only=True)``-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {
+        "python": [version, list(py_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available; a CUDA device without CUDA is a :class:`DensefuseError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DensefuseError(f"device '{name}' requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a device (use auto, cpu, cuda or cuda:<index>)") from None
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def default_work_dir(cfg: Mapping[str, Any]) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    return Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / stamp
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (``open()`` semantics)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or bool(_ITER_CKPT.match(name)) or bool(_TEMP.match(name))
+
+
+class WorkDir:
+    """A run directory: ownership checks, the one-run-at-a-time lock, stale temp files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+
+    def open(self, cfg: Mapping[str, Any], resume: bool) -> None:
+        """Check the directory, take the lock, clean temp files of killed saves, write ``config.yaml``
+        for a new run. A run that failed before its first checkpoint is replaced by the new one."""
+        wd = self.path
+        if wd.exists() and not wd.is_dir():
+            raise DensefuseError(f"work dir {wd} is a file")
+        entries = sorted(p.name for p in wd.iterdir()) if wd.is_dir() else []
+        if resume and "latest.pth" not in entries:
+            raise DensefuseError(f"nothing to resume in {wd} (no latest.pth)")
+        if entries and "config.yaml" not in entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise DensefuseError(f"work dir {wd} holds files densefuse did not create ({shown}); "
+                                 "choose an empty or new --work-dir")
+        if not resume and "config.yaml" in entries and any(e in entries for e in ("latest.pth", "final.pth")):
+            raise DensefuseError(f"work dir {wd} already holds a run; pass --resume or choose another --work-dir")
+        foreign = [e for e in entries if not _is_run_file(e)]
+        if foreign and not resume:  # a run's own dir may hold the user's extra files (eval CSVs): left alone
+            raise DensefuseError(f"work dir {wd} holds files densefuse did not create ({', '.join(foreign[:3])}); "
+                                 "choose another --work-dir")
+        try:
+            wd.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DensefuseError(f"cannot create work dir {wd}: {e.strerror}") from None
+        if not os.access(wd, os.W_OK):
+            raise DensefuseError(f"work dir {wd} is not writable")
+        self._lock()
+        entries = sorted(p.name for p in wd.iterdir())
+        if not resume and any(e in entries for e in ("latest.pth", "final.pth")):
+            self.close()
+            raise DensefuseError(f"work dir {wd} already holds a run; pass --resume or choose another --work-dir")
+        for name in entries:
+            if _TEMP.match(name):
+                (wd / name).unlink(missing_ok=True)
+        if not resume:  # nothing of a failed start is kept: a new run
+            for name in entries:
+                if name == LOCK_NAME or _TEMP.match(name):
+                    continue
+                p = wd / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            dump(cfg, wd / "config.yaml")
+
+    def _lock(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DensefuseError(f"another densefuse run is using {self.path}; wait for it or choose another --work-dir") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
