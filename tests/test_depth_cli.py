@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from densefuse_tasks.depth import METRIC_NAMES, SyntheticRoad
 from PIL import Image
 
 from densefuse.cli import main
-from densefuse_tasks.depth import METRIC_NAMES, SyntheticRoad
 
 from .test_depth_geometry import CAM_TO_CAM, VELO_TO_CAM, write_calib
 

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from densefuse_tasks.depth import adapt_ground, ground_depth, pitched_normal, read_kitti_calib, slope_targets
 
 from densefuse.errors import DataError
-from densefuse_tasks.depth import adapt_ground, ground_depth, pitched_normal, read_kitti_calib, slope_targets
 
 # KITTI 2011_09_26 calibration, in the files' own format
 CAM_TO_CAM = """calib_time: 09-Jan-2012 13:57:47

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from densefuse_tasks.depth import METRIC_NAMES, DepthMetrics, DepthTask, silog_loss
 
 

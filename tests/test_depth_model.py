@@ -3,11 +3,11 @@ import copy
 
 import pytest
 import torch
+from densefuse_tasks.depth import DenseDepthHead, DepthTask, SyntheticRoad, expand_input_conv
+from densefuse_tasks.depth.calibration import calibrate_in_order
 
 import densefuse
 from densefuse.fusion import Fusion
-from densefuse_tasks.depth import DenseDepthHead, DepthTask, SyntheticRoad, expand_input_conv
-from densefuse_tasks.depth.calibration import calibrate_in_order
 
 CONFIG = "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192"
 

@@ -1,6 +1,5 @@
 """Augmentation moves the ground embedding with the depth: ground pixels keep G == depth."""
 import torch
-
 from densefuse_tasks.depth import DepthTask, TrainPipeline, ground_depth, pitched_normal
 from densefuse_tasks.depth import transforms as T
 
