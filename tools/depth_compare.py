@@ -21,10 +21,10 @@ from densefuse.equalizer import equalizers, fold
 
 CONFIG = "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192"
 VARIANTS = {  # name -> (ground_embedding, equalizer mode)
-    "no GE, explicit": ("none", "explicit"),
-    "GE-Vanilla, off": ("vanilla", "off"),
-    "GE-Vanilla, explicit": ("vanilla", "explicit"),
-    "GE-Vanilla, fold": ("vanilla", "fold"),
+    "noGE-explicit": ("none", "explicit"),
+    "GE-off": ("vanilla", "off"),
+    "GE-explicit": ("vanilla", "explicit"),
+    "GE-fold": ("vanilla", "fold"),
 }
 SHOWN = ["abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "silog"]
 
