@@ -106,3 +106,35 @@ def test_silog_matches_gedepth_formula():
     g = np.log(pred[valid].double().numpy() + 1e-3) - np.log(gt[valid].double().numpy() + 1e-3)
     want = np.sqrt(np.var(g, ddof=1) + 0.15 * np.mean(g) ** 2)
     assert float(silog_loss(pred, gt)) == pytest.approx(want, rel=1e-5)
+
+
+def _dist_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        pred, gt = random_maps(4, 12, 20, seed=5, empty=(3,))
+        m = DepthMetrics(crop=None)
+        m.update(torch.from_numpy(pred[rank::world]), torch.from_numpy(gt[rank::world]))  # rank 1 holds the empty one
+        torch.save(m.compute(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metrics_all_reduce_over_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "r")
+    mp.spawn(_dist_worker, args=(2, port, out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    want = numpy_dataset(*random_maps(4, 12, 20, seed=5, empty=(3,)))
+    for k in METRIC_NAMES:
+        assert r0[k] == r1[k] == pytest.approx(want[k], rel=1e-9), k

@@ -97,7 +97,11 @@ class DepthMetrics:
         return pd.DataFrame(data, columns=list(METRIC_NAMES))
 
     def compute(self) -> dict[str, float]:
-        both = all_reduce_(torch.stack([self._sums, self._counts]))
+        both = torch.stack([self._sums, self._counts])
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            both = both.cuda()  # NCCL reduces CUDA tensors only
+        both = all_reduce_(both).cpu()
         means = both[0] / both[1]  # 0/0 = NaN when no image had a valid pixel
         return {name: float(v) for name, v in zip(METRIC_NAMES, means)}
 
