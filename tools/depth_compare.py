@@ -9,6 +9,7 @@ order (densefuse_tasks.depth.calibration.calibrate_in_order) instead of the trai
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ VARIANTS = {  # name -> (ground_embedding, equalizer mode)
     "GE-explicit": ("vanilla", "explicit"),
     "GE-fold": ("vanilla", "fold"),
 }
+METRICS = ("a1", "a2", "a3", "abs_rel", "rmse", "log10", "rmse_log", "silog", "sq_rel")
 SHOWN = ["abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "silog"]
 
 
@@ -55,20 +57,30 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     rows = []
-    for name in args.variants.split(","):
-        ge, mode = VARIANTS[name]
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            cfg = densefuse.load_config(CONFIG, [
-                f"depth.ground_embedding={ge}", f"model.equalizer.mode={mode}", f"seed={seed}",
-                f"train.iters={args.iters}", f"train.val_interval={args.iters}", f"train.ckpt_interval={args.iters}",
-                f"schedule.warmup_iters={min(30, args.iters // 4)}",
-                f"data.kwargs.num_val={args.num_val}"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:  # seed-major, so an interrupted run still compares every variant on the first seeds
+        for name in args.variants.split(","):
+            ge, mode = VARIANTS[name]
             run_dir = out / f"{ge}_{mode}_seed{seed}"
+            done = run_dir / "final.pth"
             t0 = time.time()
-            metrics = OrderedTrainer(cfg, run_dir, progress=False, log=lambda _msg: None).run()
-            rows.append({"variant": name, "seed": seed, "wall_s": round(time.time() - t0, 1), **metrics})
-            print(f"{name} seed {seed}: abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.3f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            if done.is_file():  # finished earlier: reuse its logged metrics
+                last = pd.read_csv(run_dir / "metrics.csv").iloc[-1]
+                metrics = {k: float(last[k]) for k in last.index if k in METRICS}
+                wall = float(last["time_s"])
+            else:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                cfg = densefuse.load_config(CONFIG, [
+                    f"depth.ground_embedding={ge}", f"model.equalizer.mode={mode}", f"seed={seed}",
+                    f"train.iters={args.iters}", f"train.val_interval={args.iters}",
+                    f"train.ckpt_interval={args.iters}", f"schedule.warmup_iters={min(30, args.iters // 4)}",
+                    f"data.kwargs.num_val={args.num_val}"])
+                metrics = OrderedTrainer(cfg, run_dir, progress=False, log=lambda _msg: None).run()
+                wall = time.time() - t0
+            rows.append({"variant": name, "seed": seed, "wall_s": round(wall, 1), **metrics})
+            print(f"{name} seed {seed}: abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.3f} ({wall:.0f} s)",
+                  flush=True)
             out.mkdir(parents=True, exist_ok=True)
             pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)
     runs = pd.DataFrame(rows)
