@@ -137,7 +137,7 @@ def test_adaptive_loss_has_the_slope_term():
     batch = scene_batches(task, cfg, seed=0, n_batches=1, batch_size=2)[0]
     loss, parts = task.loss(task.forward(model, batch), batch)
     assert set(parts) == {"loss_depth", "loss_slope"}
-    assert float(loss) == pytest.approx(parts["loss_depth"] + parts["loss_slope"], rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(parts["loss_depth"] + parts["loss_slope"], rel=1e-5)
     loss.backward()
     assert model.slope.out.weight.grad.abs().sum() > 0
 
