@@ -1,0 +1,243 @@
+"""Monocular depth task (``densefuse --task depth``): GEDepth-style ground embedding, DenseDepth decoder
+with scale-equalized up-fusions, SILog loss and the nine KITTI metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from densefuse.config import check_kwargs
+from densefuse.data import Normalize
+from densefuse.errors import ConfigError, did_you_mean
+from densefuse.tasks import DenseKey, Task, unwrap_outputs
+
+from .datasets import KittiEigen, SyntheticRoad, read_depth_png, read_split
+from .geometry import Camera, adapt_ground, ground_depth, pitched_normal, read_kitti_calib, slope_targets
+from .heads import DenseDepthHead, LevelSumHead, conv_lrelu_block
+from .loss import DepthLoss, silog_loss
+from .metrics import METRIC_NAMES, DepthMetrics, crop_mask
+from .model import GEDepth, build_depth_model, expand_input_conv
+from .transforms import Compose, KBCrop, TrainPipeline
+
+#: ``data.type`` -> accepted ``data.kwargs``
+DATASET_KWARGS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("num_train", "num_val", "size", "seed", "max_pitch", "focal"),
+    "kitti": ("raw_dir", "gt_dir", "lidar_plane", "kb_crop"),
+}
+EVAL_CROPS = ("garg", "eigen", None)
+
+
+def depth_colormap(depth: Tensor, max_depth: float = 80.0, min_depth: float = 1.0) -> Tensor:
+    """uint8 (B,3,H,W) picture of depth maps (B,1,H,W) or (B,H,W): log-scaled, near bright (magma);
+    pixels without depth (<= 0) black."""
+    from matplotlib import colormaps
+
+    d = depth[:, 0] if depth.ndim == 4 else depth
+    d = d.detach().float().cpu()
+    x = (torch.log(d.clamp(min_depth, max_depth) / min_depth) / np.log(max_depth / min_depth)).clamp(0, 1)
+    rgb = torch.from_numpy(colormaps["magma"](1.0 - x.numpy())[..., :3]).float()
+    rgb = torch.where((d > 0)[..., None], rgb, torch.zeros_like(rgb))
+    return (rgb * 255).round().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
+
+
+class DepthTask(Task):
+    """Monocular depth (``depth`` (B,1,H,W) metres, 0 = no ground truth; metric abs_rel, lower is better)."""
+
+    name = "depth"
+    default_config = "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192"
+    primary_metric = "abs_rel"
+    metric_direction = "min"
+    dense_keys = {
+        "depth": DenseKey("nearest", 0.0),
+        "ground": DenseKey("bilinear", 0.0),
+        "slope": DenseKey("nearest", 255),
+    }
+    config_section = {
+        "ground_embedding": "vanilla",  # vanilla | adaptive | none
+        "camera_height": 1.65,  # metres; the slope formula's h (and the synthetic camera's height)
+        "min_depth": 1.0e-3,
+        "max_depth": 80.0,
+        "eval_crop": "garg",  # garg | eigen | null
+        "flip_tta": False,
+        "slope_loss_weight": 0.08,
+        "slope_bins": 11,
+        "slope_range": 5.0,
+        "silog_lambda": 0.85,
+        "rotate_deg": 2.5,
+        "predict_camera": None,  # {fx, fy, cx, cy, pitch}: ground embedding for images without one
+    }
+
+    # ------------------------------------------------------------------ config
+    def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+        cfg = self.cfg if cfg is None else cfg
+        return {**self.config_section, **dict(cfg.get("depth") or {})}
+
+    def validate_config(self, cfg: Mapping[str, Any]) -> None:
+        d = self._section(cfg)
+        if d["ground_embedding"] not in ("vanilla", "adaptive", "none"):
+            raise ConfigError(f"depth.ground_embedding must be vanilla, adaptive or none, got '{d['ground_embedding']}'"
+                              f"{did_you_mean(str(d['ground_embedding']), ['vanilla', 'adaptive', 'none'])}")
+        if d["eval_crop"] not in EVAL_CROPS:
+            raise ConfigError(f"depth.eval_crop must be garg, eigen or null, got '{d['eval_crop']}'")
+        if not 0 < float(d["min_depth"]) < float(d["max_depth"]):
+            raise ConfigError(f"depth.min_depth and depth.max_depth need 0 < min < max, got "
+                              f"{d['min_depth']} and {d['max_depth']}")
+        if float(d["camera_height"]) <= 0:
+            raise ConfigError(f"depth.camera_height must be positive, got {d['camera_height']}")
+        if int(d["slope_bins"]) < 3 or int(d["slope_bins"]) % 2 == 0:
+            raise ConfigError(f"depth.slope_bins must be an odd number >= 3, got {d['slope_bins']}")
+        cam = d["predict_camera"]
+        if cam is not None:
+            if not isinstance(cam, Mapping):
+                raise ConfigError("depth.predict_camera must be a mapping {fx, fy, cx, cy, pitch} or null")
+            missing = [k for k in ("fx", "fy", "cx", "cy") if k not in cam]
+            check_kwargs("depth.predict_camera", cam, ("fx", "fy", "cx", "cy", "pitch"))
+            if missing:
+                raise ConfigError(f"depth.predict_camera lacks {', '.join(missing)}")
+        data = cfg["data"]
+        if data["type"] not in DATASET_KWARGS:
+            raise ConfigError(f"unknown data.type '{data['type']}' for the depth task"
+                              f"{did_you_mean(str(data['type']), DATASET_KWARGS)}; available: {', '.join(DATASET_KWARGS)}")
+        check_kwargs("data.kwargs", dict(data.get("kwargs") or {}), DATASET_KWARGS[data["type"]])
+        if data["type"] == "kitti" and not data.get("root"):
+            raise ConfigError("data.root must be set for data.type 'kitti' (the folder holding the raw and "
+                              "ground-truth folders and the split files)")
+
+    # ------------------------------------------------------------------ data
+    def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
+        """The synthetic road scenes or KITTI Eigen; the training split gets :class:`TrainPipeline`."""
+        self.validate_config(cfg)
+        data, d = cfg["data"], self._section(cfg)
+        kwargs = dict(data.get("kwargs") or {})
+        train = split == data["train_split"]
+        aug = data.get("augment") or {}
+        pipeline = TrainPipeline(data["crop_size"], self.dense_keys, aug.get("scale_range", (0.5, 2.0)),
+                                 d["rotate_deg"], bool(aug.get("flip", True)),
+                                 bool(aug.get("photometric", True))) if train else None
+        if data["type"] == "synthetic":
+            n = kwargs.get("num_train", 512) if train else kwargs.get("num_val", 64)
+            return SyntheticRoad(n, kwargs.get("size", [96, 320]), kwargs.get("seed", 0), split, d["camera_height"],
+                                 kwargs.get("max_pitch", 3.0), kwargs.get("focal", 0.6), d["max_depth"], pipeline)
+        root = Path(data["root"])
+        split_file = Path(split) if Path(split).is_absolute() else root / split
+        return KittiEigen(split_file, root / kwargs.get("raw_dir", "input"), root / kwargs.get("gt_dir", "gt_depth"),
+                          kwargs.get("lidar_plane", 1.65), d["camera_height"], kwargs.get("kb_crop", [352, 1216]),
+                          pipeline, self.dense_keys)
+
+    def build_transform(self, cfg: Mapping[str, Any], train: bool) -> Callable[[dict], dict]:
+        """Normalization only: the geometric pipeline already ran per sample on the data workers."""
+        return Normalize(cfg["data"]["mean"], cfg["data"]["std"])
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, cfg: Mapping[str, Any]) -> nn.Module:
+        self.validate_config(cfg)
+        return build_depth_model({**cfg, "depth": self._section(cfg)})
+
+    def _ground_for(self, batch: Mapping[str, Tensor]) -> Optional[Tensor]:
+        d = self._section()
+        if d["ground_embedding"] == "none":
+            return None
+        if "ground" in batch:
+            return batch["ground"]
+        cam = d["predict_camera"]
+        img = batch["image"]
+        if cam is None:
+            raise ConfigError("this depth model needs a ground embedding: the input has none, so set "
+                              "depth.predict_camera {fx, fy, cx, cy, pitch} (pixels, degrees) for these images")
+        K = torch.tensor([[cam["fx"], 0.0, cam["cx"]], [0.0, cam["fy"], cam["cy"]], [0.0, 0.0, 1.0]])
+        g = ground_depth(K, pitched_normal(float(cam.get("pitch", 0.0))), d["camera_height"], img.shape[-2:])
+        return g.to(img.device)[None, None].expand(img.shape[0], 1, -1, -1)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
+        """``model(image, ground)``; in eval mode with ``depth.flip_tta`` also on the flipped input,
+        un-flipped and averaged (:meth:`merge_tta`)."""
+        ground = self._ground_for(batch)
+        out = model(batch["image"], ground)
+        if model.training or not self._section()["flip_tta"]:
+            return out
+        flipped = model(batch["image"].flip(-1), None if ground is None else ground.flip(-1))
+        return self.merge_tta([out, {k: v.flip(-1) for k, v in unwrap_outputs(flipped).items()}])
+
+    def merge_tta(self, outputs: Sequence[Any]) -> dict[str, Tensor]:
+        """Average of outputs already mapped back to the original frame (GEDepth's flip TTA)."""
+        outs = [unwrap_outputs(o) for o in outputs]
+        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0] if all(k in o for o in outs)}
+
+    # ------------------------------------------------------------------ loss, metric, outputs
+    def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """SILog (GEDepth's SigLoss) plus, in adaptive mode, 0.08 x slope cross-entropy."""
+        d = self._section()
+        if not hasattr(self, "_loss_fn"):
+            self._loss_fn = DepthLoss(d["slope_loss_weight"], d["silog_lambda"])
+        return self._loss_fn(outputs, batch)
+
+    def metric(self, cfg: Mapping[str, Any]) -> DepthMetrics:
+        d = self._section(cfg)
+        return DepthMetrics(d["min_depth"], d["max_depth"], d["eval_crop"])
+
+    def predict(self, outputs: Any) -> Tensor:
+        """Depth (B,1,H,W) in metres."""
+        return unwrap_outputs(outputs)["out"]
+
+    def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor) -> Tensor:
+        """uint8 pictures (B,3,H,W): the colour-mapped prediction, with the ground truth below it when the
+        batch has one (so the work dir's picture reads image / prediction / ground truth)."""
+        max_depth = float(self._section()["max_depth"])
+        pic = depth_colormap(prediction, max_depth)
+        gt = batch.get("depth")
+        if gt is not None:
+            gt = gt.detach().cpu()
+            if gt.shape[-2:] != prediction.shape[-2:]:
+                gt = F.interpolate(gt, size=prediction.shape[-2:], mode="nearest")
+            pic = torch.cat([pic, depth_colormap(gt, max_depth)], dim=-2)
+        return pic
+
+    def save_prediction(self, prediction: Tensor, stem: Union[str, Path]) -> list[Path]:
+        """``<stem>.png``: KITTI-style 16-bit depth (metres x 256, 0 = none); ``<stem>_vis.png``: colour map."""
+        from PIL import Image
+
+        stem = Path(stem)
+        d = prediction.detach().float().cpu()
+        while d.ndim > 2:
+            d = d[0]
+        raw, vis = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + "_vis.png")
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d * 256).round().clamp(0, 65535).numpy().astype(np.uint16)).save(raw)
+        colour = depth_colormap(d[None], float(self._section()["max_depth"]))[0]
+        Image.fromarray(colour.permute(1, 2, 0).numpy()).save(vis)
+        return [raw, vis]
+
+
+__all__ = [
+    "METRIC_NAMES",
+    "Camera",
+    "Compose",
+    "DenseDepthHead",
+    "DepthLoss",
+    "DepthMetrics",
+    "DepthTask",
+    "GEDepth",
+    "KBCrop",
+    "KittiEigen",
+    "LevelSumHead",
+    "SyntheticRoad",
+    "TrainPipeline",
+    "adapt_ground",
+    "build_depth_model",
+    "conv_lrelu_block",
+    "crop_mask",
+    "depth_colormap",
+    "expand_input_conv",
+    "ground_depth",
+    "pitched_normal",
+    "read_depth_png",
+    "read_kitti_calib",
+    "read_split",
+    "silog_loss",
+    "slope_targets",
+]
