@@ -193,7 +193,10 @@ class Trainer:
             return None
         n = self.cfg["calibration"]["num_images"] or len(dataset)
         t0 = time.time()
-        batches = calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=1 if self._synced_bn() else 2)
+        min_batch = 1 if self._synced_bn() else 2
+        # a function, not a generator: chained fusion sites take one pass each over the same images, and a
+        # generator would have to be held in memory between passes
+        batches = lambda: calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=min_batch)  # noqa: E731
         table = calibrate(model, batches, num_images=math.ceil(n / dist.world_size()), forward=self.task.forward)
         if dist.is_main():
             table.to_csv(self.work_dir / "calibration.csv", index=False)
