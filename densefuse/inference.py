@@ -4,7 +4,7 @@ One entry point, :func:`infer`, used for evaluation and prediction alike. The mo
 through the task's ``forward(model, batch)``; test-time views are combined by the task's ``merge`` (mmseg
 averages softmax probabilities for segmentation; the default here is the plain mean of the outputs).
 
-The ``eval`` config keys it reads (new keys, read with ``.get`` so older configs keep working)::
+The ``eval`` config keys it reads (densefuse.config.DEFAULTS has them; read with ``.get`` so plain dicts work)::
 
     eval:
       mode: whole            # whole | slide
@@ -32,7 +32,7 @@ Merge = Callable[[list[Tensor]], Tensor]
 #: mmseg's multi-scale TTA ratios (``tta_pipeline`` of the dataset configs).
 MMSEG_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
-#: ``eval`` keys read here, with their defaults (new config keys).
+#: ``eval`` keys read here, with their defaults (the same as densefuse.config.DEFAULTS).
 EVAL_DEFAULTS: dict[str, Any] = {
     "mode": "whole",
     "crop_size": None,

@@ -38,9 +38,9 @@ DATASET_SCALES: dict[str, tuple[int, int]] = {
     "cityscapes": (2048, 1024),
 }
 
-#: ``data`` keys read here, with their defaults (new config keys). ``None`` scales mean "the dataset's".
+#: ``data`` keys read here, with their defaults (as densefuse.config.DEFAULTS). ``None`` scales mean "the dataset's".
 DATA_DEFAULTS: dict[str, Any] = {
-    "pipeline": "legacy",      # legacy (the crop-then-scale augmentation) | mmseg (this module); paper configs: mmseg
+    "pipeline": "batch",       # batch (crop-then-scale on the batch) | mmseg (this module); paper configs: mmseg
     "scale": None,             # training reference scale [long, short]; None = DATASET_SCALES[data.type]
     "ratio_range": [0.5, 2.0],
     "cat_max_ratio": 0.75,
