@@ -99,3 +99,16 @@ def test_a_row_without_its_pretrained_file_names_it():
     cfg = load_config(PAPER / "upernet_swin-t_4xb4-160k_ade20k-512x512.yaml")
     with pytest.raises(ConfigError, match=r"pretrained weights not found: checkpoints/swin_tiny_patch4_window7_224"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("branch, groups", [("gn", 32), ("ln", 1), ("bn", None)])
+def test_table4_rows_build_their_branch_pipeline(branch, groups):
+    cfg = _load(PAPER / f"upernet_swin-t_conv-relu-up-{branch}_4xb4-160k_ade20k-512x512.yaml")
+    assert cfg.model.decode_head.branch == f"conv_relu_up_{branch}"
+    model = _build(cfg)
+    assert model.decode_head.post_norm == branch
+    gn = [m.num_groups for m in model.decode_head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    if groups is None:  # Conv-ReLU-UP-BN: no GroupNorm, the BN sits after the upsample
+        assert gn == []
+    else:
+        assert gn and set(gn) == {groups}
