@@ -17,8 +17,8 @@ from densefuse.tasks import Task, unwrap_outputs
 from .datasets import ADE20K, Cityscapes, PascalVOC, SegDataset, SyntheticSeg, reduce_zero_label
 from .loss import SegLoss, aux_weight_from_config, seg_cross_entropy
 from .metrics import SegMetrics
-from .pipeline import VALID_KEY, build_device_transform, build_test_pipeline, build_train_pipeline
 from .palettes import class_names_for, palette_for
+from .pipeline import VALID_KEY, build_device_transform, build_test_pipeline, build_train_pipeline
 from .visualize import legend, overlay, palette_png, present_classes, save_png
 
 #: At most this many classes in a picture's legend (the last entry counts the rest).
