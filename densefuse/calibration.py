@@ -25,6 +25,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .equalizer import FoldTarget, ScaleEqualizer, _SiteTrace
 from .errors import CalibrationError
+from .fusion import valid_pixels
 
 __all__ = ["calibrate", "equalizers", "fold", "measure", "set_mode", "site_name"]
 
@@ -67,6 +68,12 @@ def _images(batch: Any) -> Tensor:
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
     raise CalibrationError(f"cannot take images from a calibration batch of type {type(batch).__name__}")
+
+
+def _valid(batch: Any) -> Optional[Tensor]:
+    """The batch's ``valid`` mask (B, 1, H, W), False on padding; None when it has none."""
+    v = batch.get("valid") if isinstance(batch, dict) else None
+    return v if isinstance(v, Tensor) else None
 
 
 def _check_num_images(num_images: Optional[int]) -> None:
@@ -158,12 +165,13 @@ def _run(model: nn.Module, batches: Iterable[Any], num_images: Optional[int], fo
     seen = 0
     for batch in batches:
         x = _images(batch)
-        if first is not None and seen == 0:
-            first(batch)
-        elif forward is None:
-            model(x.to(device, non_blocking=True))
-        else:  # the task's forward: the model may take more than the image (depth: RGB + ground embedding)
-            forward(model, batch)
+        with valid_pixels(_valid(batch)):
+            if first is not None and seen == 0:
+                first(batch)
+            elif forward is None:
+                model(x.to(device, non_blocking=True))
+            else:  # the task's forward: the model may take more than the image (depth: RGB + ground embedding)
+                forward(model, batch)
         seen += x.shape[0]
         if num_images is not None and seen >= num_images:
             break
@@ -233,6 +241,9 @@ def calibrate(model: nn.Module, batches: Batches, num_images: Optional[int] = No
     BatchNorm runs in train mode (batch statistics, as in training) with dropout and drop-path off,
     under ``no_grad``; BN running stats and every module's train/eval mode are restored afterwards.
     Under torch.distributed each site's sums are all-reduced once, in the pass that freezes it.
+    A batch dict with ``valid`` (B, 1, H, W), False on padded pixels, counts only the positions of each
+    fusion branch whose area-pooled validity is 1 (:func:`densefuse.fusion.valid_pixels`): padding does
+    not enter the statistics.
 
     Args:
         model: a model with :class:`ScaleEqualizer` sites (densefuse or :func:`densefuse.smp.equalize`).

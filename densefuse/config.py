@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "num_classes": 1,
         "align_corners": False,
         "equalizer": {"mode": "explicit", "eps": 1.0e-5},
-        "encoder": {"name": "resnet18", "out_indices": [1, 2, 3, 4], "output_stride": None,
+        "encoder": {"name": "resnet18", "out_indices": None, "output_stride": None,
                     "pretrained": None, "kwargs": {}},
         "decode_head": {"type": "uper"},
         "auxiliary_head": None,
@@ -52,6 +52,13 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "kwargs": {},
         "augment": {"scale_range": [0.5, 2.0], "flip": True, "photometric": False},
+        # batch: crop-then-scale augmentation on the whole batch (densefuse.data.augment);
+        # mmseg: RandomResize on the whole image + RandomCrop(cat_max_ratio) per sample (tasks/seg/pipeline.py)
+        "pipeline": "batch",
+        "scale": None,  # mmseg RandomResize reference scale [long, short]; null = the dataset's
+        "ratio_range": [0.5, 2.0],
+        "cat_max_ratio": 0.75,
+        "test_scale": None,  # test-time keep-ratio Resize [long, short]; null = the dataset's; [] = none
     },
     "train": {
         "iters": 1000,
@@ -69,10 +76,21 @@ DEFAULTS: dict[str, Any] = {
         "dist_timeout": 1800,  # seconds to wait for the other processes (rendezvous, collectives)
     },
     "optim": {"type": "adamw", "lr": 1.0e-3, "weight_decay": 0.01, "momentum": 0.9,
-              "betas": [0.9, 0.999], "norm_decay": True},
+              "betas": [0.9, 0.999], "norm_decay": True,
+              # mmseg's paramwise_cfg: custom_keys {substring: {lr_mult, decay_mult}}, multipliers for norms,
+              # biases and depthwise convs, ConvNeXt's layer_decay {rate, num_layers, family}
+              "paramwise": {"custom_keys": {}, "norm_decay_mult": None, "bias_decay_mult": None,
+                            "bias_lr_mult": None, "dwconv_decay_mult": None, "layer_decay": None}},
     "schedule": {"type": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1.0e-6},
     "calibration": {"num_images": 64, "batch_size": 8},
-    "eval": {"batch_size": 1},
+    "eval": {
+        "batch_size": 1,
+        "mode": "whole",  # whole | slide (densefuse.inference)
+        "crop_size": None,  # slide window [h, w]
+        "stride": None,  # slide stride [h, w]
+        "slide_batch": 8,  # windows per forward call
+        "tta": {"flip": False, "scales": None},  # scales: ratios, e.g. mmseg's [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    },
 }
 
 #: Sections whose keys are checked by the code that consumes them (head, dataset and timm kwargs).
@@ -82,6 +100,8 @@ OPEN = {
     "model.encoder.kwargs",
     "model.smp.kwargs",
     "data.kwargs",
+    "optim.paramwise.custom_keys",
+    "optim.paramwise.layer_decay",
 }
 
 
@@ -178,7 +198,8 @@ def config_dirs() -> list[Path]:
 def find_config(name: PathLike) -> Path:
     """Resolve a config path; bare names like ``seg/synthetic_upernet_r18`` search :func:`config_dirs`."""
     p = Path(name)
-    candidates = [p] if p.suffix else [p, p.with_suffix(".yaml")]
+    # names may contain dots (``gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704``): only .yaml/.yml is a suffix
+    candidates = [p] if p.suffix in (".yaml", ".yml") else [p, p.parent / (p.name + ".yaml")]
     if not p.is_absolute():
         for d in config_dirs():
             candidates += [d / c for c in list(candidates)]
@@ -324,26 +345,42 @@ RULES: dict[str, Rule] = {
     "model.equalizer.mode": Rule("str", choices=("off", "explicit", "fold")),
     "model.equalizer.eps": Rule("number", gt=0),
     "model.encoder.name": Rule("str"),
-    "model.encoder.out_indices": Rule("list", item=Rule("int", min=0)),
+    "model.encoder.out_indices": Rule("list", nullable=True, item=Rule("int")),
     "model.encoder.output_stride": Rule("int", nullable=True, choices=(8, 16, 32, None)),
     "model.encoder.pretrained": Rule("str", nullable=True),
     "model.auxiliary_head": Rule("mapping", nullable=True),
+    "model.sync_bn": Rule("bool", nullable=True),
     "data.root": Rule("str", nullable=True),
     "data.crop_size": Rule("list", length=2, item=_POS_INT),
     "data.mean": Rule("list", length=3, item=_NUM),
     "data.std": Rule("list", length=3, item=Rule("number", gt=0)),
     "data.num_workers": Rule("int", min=0),
     "data.augment.scale_range": Rule("list", length=2, item=Rule("number", gt=0)),
+    "data.pipeline": Rule("str", choices=("batch", "mmseg")),
+    "data.scale": Rule("list", nullable=True, length=2, item=_POS_INT),
+    "data.ratio_range": Rule("list", length=2, item=Rule("number", gt=0)),
+    "data.cat_max_ratio": Rule("number", gt=0, lt=1.000001),
+    "data.test_scale": Rule("list", nullable=True, item=_POS_INT),
     "train.iters": _POS_INT,
     "train.batch_size": _POS_INT,
     "train.val_interval": _POS_INT,
     "train.log_interval": _POS_INT,
     "train.ckpt_interval": _POS_INT,
     "train.grad_clip": Rule("number", nullable=True, gt=0),
+    "train.amp": Rule("str", choices=("off", "fp16", "bf16")),
+    "train.accum_steps": _POS_INT,
+    "train.keep_last": Rule("int", min=0),
+    "train.dist_timeout": Rule("number", gt=0),
     "optim.lr": Rule("number", gt=0),
     "optim.weight_decay": Rule("number", min=0),
     "optim.momentum": Rule("number", min=0),
     "optim.betas": Rule("list", length=2, item=Rule("number", min=0, lt=1)),
+    "optim.paramwise.custom_keys": Rule("mapping"),
+    "optim.paramwise.norm_decay_mult": Rule("number", nullable=True, min=0),
+    "optim.paramwise.bias_decay_mult": Rule("number", nullable=True, min=0),
+    "optim.paramwise.bias_lr_mult": Rule("number", nullable=True, min=0),
+    "optim.paramwise.dwconv_decay_mult": Rule("number", nullable=True, min=0),
+    "optim.paramwise.layer_decay": Rule("mapping", nullable=True),
     "schedule.power": Rule("number", min=0),
     "schedule.min_lr": Rule("number", min=0),
     "schedule.warmup_iters": Rule("int", min=0),
@@ -351,6 +388,12 @@ RULES: dict[str, Rule] = {
     "calibration.num_images": Rule("int", nullable=True, min=1),
     "calibration.batch_size": Rule("int", min=2),
     "eval.batch_size": _POS_INT,
+    "eval.mode": Rule("str", choices=("whole", "slide")),
+    "eval.crop_size": Rule("list", nullable=True, length=2, item=_POS_INT),
+    "eval.stride": Rule("list", nullable=True, length=2, item=_POS_INT),
+    "eval.slide_batch": _POS_INT,
+    "eval.tta.flip": Rule("bool"),
+    "eval.tta.scales": Rule("list", nullable=True, item=Rule("number", gt=0)),
 }
 
 
@@ -578,10 +621,24 @@ def from_dict(
     _check(cfg, defaults, source=origin)
     written_all = (set(written) if written is not None else _written_keys(data)) | set_keys
     _check_heads(cfg, inherited if inherited is not None else {}, written_all, origin)
+    _check_sections(cfg, origin)
     out = _wrap(cfg)
     task_class_ = _task_class(task)
     task_class_(out).validate_config(out)
     return out
+
+
+def _check_sections(cfg: Mapping[str, Any], source: Callable[[str], str]) -> None:
+    """Cross-key checks of the inference (``eval``) and param-wise optimizer (``optim.paramwise``) sections,
+    by the code that reads them, so a slide mode without a window fails at load time."""
+    from .engine.optim import check_paramwise
+    from .inference import check_eval_config
+
+    for section, check in (("eval", check_eval_config), ("optim.paramwise", check_paramwise)):
+        try:
+            check(_get(cfg, section))
+        except ConfigError as e:
+            raise ConfigError(f"{source(section)}: {e}") from None
 
 
 def _task_class(name: str) -> Any:

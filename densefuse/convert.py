@@ -31,7 +31,6 @@ StateDict = dict[str, Tensor]
 #: mmseg decode/auxiliary head names -> densefuse names: (prefix or infix, replacements). The first
 #: replacement whose result exists in the target model wins. ONE table: adjust it when head modules move.
 HEAD_RENAMES: list[tuple[str, tuple[str, ...]]] = [
-    ("conv_seg.", ("cls_seg.conv_seg.",)),
     ("fpn_bottleneck.", ("fpn_fusion.fuse.",)),
     ("sep_bottleneck.", ("sep_bottleneck.fuse.",)),
     ("bottleneck.", ("psp_fusion.fuse.", "bottleneck.fuse.")),
@@ -39,6 +38,10 @@ HEAD_RENAMES: list[tuple[str, tuple[str, ...]]] = [
     (".depthwise_conv.", (".depthwise.",)),  # mmcv DepthwiseSeparableConvModule
     (".pointwise_conv.", (".pointwise.",)),
 ]
+
+#: mmseg keeps each head's classifier inside the head; densefuse's EncoderDecoder has it in a predictor.
+CLASSIFIERS: dict[str, str] = {"decode_head.conv_seg.": "predictor.conv_seg.",
+                               "auxiliary_head.conv_seg.": "aux_predictor.conv_seg."}
 
 #: Keys of a source checkpoint that densefuse has no place for, by design (classifiers, non-persistent buffers).
 IGNORED = re.compile(r"(^|\.)(head|fc|classifier)\.|^norm\.|relative_position_index$|attn_mask$|^head_")
@@ -314,7 +317,10 @@ def convert_mmseg_segmentor(sd: StateDict, model: nn.Module, source: str = "chec
         if k.startswith("backbone."):
             continue
         head, _, rest = k.partition(".")
-        if head in ("decode_head", "auxiliary_head"):
+        cls = next((new for old, new in CLASSIFIERS.items() if k.startswith(old)), None)
+        if cls is not None and cls + k.split(".conv_seg.", 1)[1] in targets:
+            out[cls + k.split(".conv_seg.", 1)[1]] = v
+        elif head in ("decode_head", "auxiliary_head"):
             if getattr(model, head, None) is None:
                 left.append(k)
                 continue
@@ -413,6 +419,10 @@ def to_mmseg_state_dict(model: nn.Module) -> StateDict:
             out[f"backbone.{norm_name}{i}.{p}"] = v
     inverse = [(news[i], old) for old, news in HEAD_RENAMES for i in range(len(news))]
     for k, v in sd.items():
+        cls = next((old for old, new in CLASSIFIERS.items() if k.startswith(new)), None)
+        if cls is not None:
+            out[cls + k.split(".conv_seg.", 1)[1]] = v
+            continue
         head, _, rest = k.partition(".")
         if head not in ("decode_head", "auxiliary_head") or NOT_IN_SOURCE.search(k):
             continue

@@ -4,7 +4,7 @@ One entry point, :func:`infer`, used for evaluation and prediction alike. The mo
 through the task's ``forward(model, batch)``; test-time views are combined by the task's ``merge`` (mmseg
 averages softmax probabilities for segmentation; the default here is the plain mean of the outputs).
 
-The ``eval`` config keys it reads (new keys, read with ``.get`` so older configs keep working)::
+The ``eval`` config keys it reads (densefuse.config.DEFAULTS has them; read with ``.get`` so plain dicts work)::
 
     eval:
       mode: whole            # whole | slide
@@ -27,12 +27,13 @@ from .errors import ConfigError
 from .tasks import unwrap_outputs
 
 Forward = Callable[[nn.Module, Mapping[str, Any]], Any]
-Merge = Callable[[list[Tensor]], Tensor]
+#: Combines the views' outputs; may return a tensor or, like ``Task.merge_tta``, a dict of outputs.
+Merge = Callable[[list[Tensor]], Any]
 
 #: mmseg's multi-scale TTA ratios (``tta_pipeline`` of the dataset configs).
 MMSEG_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
-#: ``eval`` keys read here, with their defaults (new config keys).
+#: ``eval`` keys read here, with their defaults (the same as densefuse.config.DEFAULTS).
 EVAL_DEFAULTS: dict[str, Any] = {
     "mode": "whole",
     "crop_size": None,
@@ -180,8 +181,10 @@ def infer(forward: Forward, model: nn.Module, batch: Mapping[str, Any], eval_cfg
     (or ``out_size``, e.g. the original label size, resized bilinearly as mmseg's postprocess).
 
     ``eval.mode`` picks whole or slide inference; ``eval.tta`` adds flipped and rescaled views (each view's
-    output is resized back and un-flipped), combined by ``merge`` (default :func:`mean_merge`). Without TTA
-    the outputs are returned as computed (no merge).
+    output is resized back and un-flipped), combined by ``merge`` (default :func:`mean_merge`; a task's
+    ``merge_tta``, which takes the views and returns a dict of outputs, works too). Flipped views flip every
+    per-pixel batch key of the image's size (labels, ``ground``, ``valid``). Without TTA the outputs are
+    returned as computed (no merge).
     """
     cfg = check_eval_config(eval_cfg)
     size = tuple(batch["image"].shape[-2:])
@@ -204,7 +207,8 @@ def infer(forward: Forward, model: nn.Module, batch: Mapping[str, Any], eval_cfg
                 o = run(_scaled(batch, float(r), flip))
                 o = o.flip(-1) if flip else o
                 views.append(_resize(o, size, align_corners))
-        out = (merge or mean_merge)(views)
+        merged = (merge or mean_merge)(views)
+        out = unwrap_outputs(merged)[key] if isinstance(merged, Mapping) else merged
     if out_size is not None:
         out = _resize(out, out_size, align_corners)
     return {key: out}

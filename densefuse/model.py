@@ -140,7 +140,7 @@ def build_encoder_decoder(cfg: Mapping[str, Any]) -> EncoderDecoder:
     enc = dict(m["encoder"])
     kwargs = dict(enc.pop("kwargs", None) or {})
     check_kwargs("model.encoder", enc, ["name", "out_indices", "output_stride", "pretrained"])
-    encoder = TimmEncoder(enc["name"], enc.get("out_indices", (1, 2, 3, 4)), enc.get("output_stride"),
+    encoder = TimmEncoder(enc["name"], enc.get("out_indices"), enc.get("output_stride"),
                           enc.get("pretrained"), **kwargs)
     common = {"align_corners": m["align_corners"], "eq_mode": eq.get("mode", "explicit"), "eq_eps": eq.get("eps", 1e-5)}
     decoder, predictor = build_head(m["decode_head"], "model.decode_head", encoder.channels, m["num_classes"], common)

@@ -1,4 +1,6 @@
 """Config loading: _base_ inheritance, overrides, strict keys with hints, type checks."""
+import re
+
 import pytest
 import torch
 import yaml
@@ -33,7 +35,7 @@ def test_base_inheritance_and_override_order(tmp_path):
 
 
 def test_delete_replaces_a_section(tmp_path):
-    _write(tmp_path / "a.yaml", {"model": {"decode_head": {"type": "uper", "pool_scales": [1, 2]}}})
+    _write(tmp_path / "a.yaml", {"model": {"num_classes": 2, "decode_head": {"type": "uper", "pool_scales": [1, 2]}}})
     _write(tmp_path / "b.yaml", {"_base_": ["a.yaml"], "model": {"decode_head": {"_delete_": True, "type": "fcn"}}})
     assert densefuse.load_config(tmp_path / "b.yaml").model.decode_head == {"type": "fcn"}
 
@@ -92,7 +94,8 @@ def test_yaml12_booleans_keep_mode_off_a_string(tmp_path):
 
 # ----------------------------------------------------------------------- values checked at load time
 def test_exponent_floats_in_files_and_set(tmp_path):
-    (tmp_path / "e.yaml").write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-2\nmodel:\n  equalizer:\n    eps: 1e-6\n")
+    (tmp_path / "e.yaml").write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-2\nmodel:\n  num_classes: 2\n  equalizer:\n"
+                                     "    eps: 1e-6\n")
     cfg = densefuse.load_config(tmp_path / "e.yaml")
     assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.05 and cfg.model.equalizer.eps == 1e-6
     cfg = densefuse.load_config(tmp_path / "e.yaml", ["optim.lr=5e-4", "train.grad_clip=1e1", "seed=010"])
@@ -213,3 +216,39 @@ def test_a_head_with_a_required_argument_says_so():
             densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.type=test_needs_width"])
     finally:
         HEADS._items.pop("test_needs_width")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.amp", "fp32", "'train.amp' must be one of off, fp16, bf16"),
+    ("train.accum_steps", "0", "'train.accum_steps' must be int >= 1"),
+    ("train.keep_last", "-1", "'train.keep_last' must be int >= 0"),
+    ("train.dist_timeout", "0", "'train.dist_timeout' must be number > 0"),
+    ("model.sync_bn", "yes", "'model.sync_bn' must be bool or null"),
+    ("data.pipeline", "legacy", "'data.pipeline' must be one of batch, mmseg"),
+    ("eval.mode", "tiles", "'eval.mode' must be one of whole, slide"),
+    ("eval.mode", "slide", "eval.mode 'slide' needs eval.crop_size and eval.stride"),
+    ("eval.tta.scales", "[0.5, -1]", "'eval.tta.scales' must be a list of numbers > 0"),
+    ("optim.paramwise.layer_decay", "{rate: 2, num_layers: 6}", "0 < rate <= 1"),
+])
+def test_engine_eval_and_paper_keys_are_checked_at_load(key, value, message):
+    with pytest.raises(densefuse.ConfigError, match=re.escape(message)):
+        densefuse.load_config("seg/synthetic_upernet_r18", [f"{key}={value}"])
+
+
+def test_paper_keys_have_defaults_and_accept_good_values():
+    cfg = densefuse.load_config("seg/synthetic_upernet_r18", [
+        "eval.mode=slide", "eval.crop_size=[64, 64]", "eval.stride=[32, 32]", "eval.tta.flip=true",
+        "optim.paramwise.custom_keys={norm: {decay_mult: 0.0}}", "data.pipeline=mmseg", "train.amp=bf16"])
+    assert cfg.eval.stride == [32, 32] and cfg.eval.tta.flip is True and cfg.eval.tta.scales is None
+    assert cfg.optim.paramwise.custom_keys == {"norm": {"decay_mult": 0.0}}
+    assert cfg.data.pipeline == "mmseg" and cfg.data.cat_max_ratio == 0.75
+    assert densefuse.load_config("seg/synthetic_smp_upernet_r18").data.pipeline == "batch"
+
+
+def test_find_config_adds_yaml_to_names_with_dots(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "depth").mkdir(parents=True)
+    f = tmp_path / "configs" / "depth" / "gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704.yaml"
+    f.write_text("seed: 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_config("depth/gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704").resolve() == f.resolve()
+    assert find_config(str(f)) == f

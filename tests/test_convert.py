@@ -157,5 +157,5 @@ def test_unknown_and_missing_keys_are_listed():
         convert_mmseg_segmentor(missing, model)
     bad = dict(mm)
     bad["decode_head.conv_seg.weight"] = torch.zeros(7, 16, 1, 1)
-    with pytest.raises(ConfigError, match=r"wrong shape: decode_head\.cls_seg\.conv_seg\.weight \(7, 16, 1, 1\)"):
+    with pytest.raises(ConfigError, match=r"wrong shape: predictor\.conv_seg\.weight \(7, 16, 1, 1\)"):
         convert_mmseg_segmentor(bad, model)

@@ -106,3 +106,53 @@ def test_multi_scale_flip_tta_runs_twelve_views_and_merges_at_input_size():
 def test_bad_eval_config(cfg, match):
     with pytest.raises(ConfigError, match=match):
         infer(forward, nn.Identity(), {"image": torch.zeros(1, 3, 8, 8)}, cfg)
+
+
+def test_flip_tta_flips_every_dense_key_and_unflips_the_output():
+    seen = []
+
+    def fwd(model, batch):
+        seen.append((batch["image"].clone(), batch["ground"].clone()))
+        # an output that depends on the ground map's position: only a consistently flipped ground gives
+        # back the same output after un-flipping
+        return {"out": batch["image"][:, :1] * batch["ground"]}
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(1, 3, 6, 9, generator=g), "ground": torch.rand(1, 1, 6, 9, generator=g)}
+    out = infer(fwd, nn.Identity(), batch, {"tta": {"flip": True}})["out"]
+    torch.testing.assert_close(out, batch["image"][:, :1] * batch["ground"])
+    assert torch.equal(seen[1][1], batch["ground"].flip(-1)) and torch.equal(seen[1][0], batch["image"].flip(-1))
+
+
+def test_a_task_merge_returning_outputs_and_the_label_size():
+    from densefuse_tasks.seg import SegTask
+
+    model = _conv_model()
+    batch = {"image": torch.randn(1, 3, 16, 24)}
+    tta = {"tta": {"flip": True, "scales": [1.0, 1.5]}}
+    small = infer(forward, model, batch, tta, merge=SegTask({}).merge_tta, out_size=(12, 18))["out"]
+    assert small.shape == (1, 4, 12, 18)
+    out = infer(forward, model, batch, tta, merge=SegTask({}).merge_tta)["out"]
+    probs = out.exp().sum(1)  # log of the mean softmax probability
+    torch.testing.assert_close(probs, torch.ones_like(probs))
+
+
+def test_evaluation_uses_the_eval_config_and_the_label_size():
+    from densefuse.engine.evaluate import infer_outputs
+
+    class Task:
+        cfg = {"eval": {"mode": "slide", "crop_size": [8, 8], "stride": [4, 4]}, "model": {}}
+
+        def forward(self, model, batch):
+            return {"out": model(batch["image"]), "aux": model(batch["image"])}
+
+        def merge_tta(self, outputs):
+            return {"out": torch.stack([o["out"] for o in outputs]).mean(0)}
+
+    model = _conv_model()
+    batch = {"image": torch.randn(1, 3, 16, 20), "label": torch.zeros(1, 10, 13, dtype=torch.long)}
+    out = infer_outputs(model, Task(), batch)
+    assert set(out) == {"out"} and out["out"].shape == (1, 4, 10, 13)
+    Task.cfg = {"eval": {"mode": "whole"}}
+    plain = infer_outputs(model, Task(), {"image": batch["image"], "label": torch.zeros(1, 16, 20)})
+    assert set(plain) == {"out", "aux"}  # nothing asked: the task's own outputs, untouched

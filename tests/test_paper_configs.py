@@ -1,14 +1,12 @@
 """Every paper-row config (configs/seg/paper) loads, builds, and matches mmseg's parameter counts."""
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 from densefuse_tasks.seg.pipeline import DATA_DEFAULTS, build_test_pipeline, build_train_pipeline
 
-import densefuse.config as config
 from densefuse import ConfigError
-from densefuse.config import load_config
+from densefuse.config import DEFAULTS, load_config
 from densefuse.engine.optim import PARAMWISE_DEFAULTS, paramwise_rules
 from densefuse.inference import EVAL_DEFAULTS, check_eval_config
 from densefuse.model import build_model
@@ -16,21 +14,11 @@ from densefuse.model import build_model
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "seg" / "paper"
 CONFIGS = sorted(PAPER.glob("*.yaml"))
 
-#: the config keys these configs add (to be merged into densefuse.config.DEFAULTS)
-NEW_KEYS = {
-    "optim": {"paramwise": PARAMWISE_DEFAULTS},
-    "eval": EVAL_DEFAULTS,
-    "data": DATA_DEFAULTS,
-}
 
-
-@pytest.fixture(autouse=True)
-def paper_keys(monkeypatch):
-    defaults = copy.deepcopy(config.DEFAULTS)
-    for section, keys in NEW_KEYS.items():
-        defaults[section].update(copy.deepcopy(keys))
-    monkeypatch.setattr(config, "DEFAULTS", defaults)
-    monkeypatch.setattr(config, "OPEN", config.OPEN | {"optim.paramwise.custom_keys", "optim.paramwise.layer_decay"})
+def test_the_readers_defaults_are_the_config_defaults():
+    assert DEFAULTS["optim"]["paramwise"] == PARAMWISE_DEFAULTS
+    assert {k: DEFAULTS["eval"][k] for k in EVAL_DEFAULTS} == EVAL_DEFAULTS
+    assert {k: DEFAULTS["data"][k] for k in DATA_DEFAULTS} == DATA_DEFAULTS
 
 
 def _load(path, *overrides):
@@ -38,10 +26,8 @@ def _load(path, *overrides):
 
 
 def _build(cfg):
-    m = copy.deepcopy(cfg.to_dict())
-    m["model"]["decode_head"].pop("branch", None)  # Table 4 option: lands with the head restructuring
     with torch.device("meta"):
-        return build_model(config.from_dict(m))
+        return build_model(cfg)
 
 
 def _count(model):
@@ -101,7 +87,7 @@ def test_recipes():
     assert set(swin.optim.paramwise.custom_keys) == {"absolute_pos_embed", "relative_position_bias_table", "norm"}
     cnx = _load(PAPER / "upernet_convnext-b_4xb4-160k_ade20k-512x512.yaml")
     assert cnx.optim.paramwise.layer_decay == {"rate": 0.9, "num_layers": 12, "family": "convnext"}
-    assert cnx.train.amp is True and cnx.eval.mode == "slide" and cnx.eval.stride == [341, 341]
+    assert cnx.train.amp == "fp16" and cnx.eval.mode == "slide" and cnx.eval.stride == [341, 341]
     city = _load(PAPER / "fcn_r101-d8_4xb2-80k_cityscapes-512x1024.yaml")
     assert (city.optim.type, city.optim.lr, city.schedule.power, city.schedule.min_lr) == ("sgd", 0.01, 0.9, 1e-4)
     assert city.train.iters == 80000 and city.train.batch_size == 2 and city.data.crop_size == [512, 1024]
@@ -113,3 +99,16 @@ def test_a_row_without_its_pretrained_file_names_it():
     cfg = load_config(PAPER / "upernet_swin-t_4xb4-160k_ade20k-512x512.yaml")
     with pytest.raises(ConfigError, match=r"pretrained weights not found: checkpoints/swin_tiny_patch4_window7_224"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("branch, groups", [("gn", 32), ("ln", 1), ("bn", None)])
+def test_table4_rows_build_their_branch_pipeline(branch, groups):
+    cfg = _load(PAPER / f"upernet_swin-t_conv-relu-up-{branch}_4xb4-160k_ade20k-512x512.yaml")
+    assert cfg.model.decode_head.branch == f"conv_relu_up_{branch}"
+    model = _build(cfg)
+    assert model.decode_head.post_norm == branch
+    gn = [m.num_groups for m in model.decode_head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    if groups is None:  # Conv-ReLU-UP-BN: no GroupNorm, the BN sits after the upsample
+        assert gn == []
+    else:
+        assert gn and set(gn) == {groups}

@@ -1,4 +1,10 @@
-"""Evaluation with the task metric: each rank takes its shard of the loader, the metric all-reduces."""
+"""Evaluation with the task metric: each rank takes its shard of the loader, the metric all-reduces.
+
+The model runs through :func:`densefuse.inference.infer` with the config's ``eval`` section (whole or
+slide inference, flip / multi-scale TTA merged by the task's ``merge_tta``), so the trainer's periodic
+evaluation and ``densefuse eval`` share one code path. When the batch carries a ``label`` of another size
+than the (test-time resized) image, the output is resized to the label's size and the metric runs there.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -8,7 +14,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..tasks import Task
+from ..inference import infer
+from ..tasks import Task, unwrap_outputs
 from .runtime import to_device
 from .step import autocast
 
@@ -36,13 +43,32 @@ def evaluate_full(
         for batch in loader:
             batch = transform(to_device(batch, device))
             with autocast(device, amp_dtype):
-                outputs = task.forward(model, batch)
+                outputs = infer_outputs(model, task, batch)
             metric.update(outputs, batch)
     finally:
         model.train(was_training)
     summary = {k: float(v) for k, v in metric.compute().items()}
     tables = metric.tables() if hasattr(metric, "tables") else _dotted_table(summary)
     return summary, dict(tables)
+
+
+def infer_outputs(model: nn.Module, task: Task, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The task's outputs for ``batch`` under ``task.cfg["eval"]`` (see :func:`densefuse.inference.infer`).
+
+    Whole inference without TTA returns the task's own outputs unchanged (so tasks that do their own
+    test-time work, e.g. depth's ``flip_tta``, keep it); otherwise ``{"out": ...}`` from :func:`infer`, at
+    the label's size when the batch has a ``label`` whose size differs from the image's.
+    """
+    eval_cfg = (task.cfg or {}).get("eval") or {}
+    tta = eval_cfg.get("tta") or {}
+    label = batch.get("label")
+    size = tuple(label.shape[-2:]) if isinstance(label, torch.Tensor) else None
+    if size == tuple(batch["image"].shape[-2:]):
+        size = None
+    if eval_cfg.get("mode", "whole") == "whole" and not tta.get("flip") and not tta.get("scales") and size is None:
+        return unwrap_outputs(task.forward(model, batch))
+    align = bool(((task.cfg or {}).get("model") or {}).get("align_corners", False))
+    return infer(task.forward, model, batch, eval_cfg, merge=task.merge_tta, out_size=size, align_corners=align)
 
 
 def _dotted_table(summary: Mapping[str, float]) -> dict[str, pd.DataFrame]:

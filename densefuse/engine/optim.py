@@ -30,7 +30,7 @@ from ..errors import ConfigError
 
 _NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
-#: ``optim.paramwise`` keys with their defaults (new config keys; DEFAULTS in densefuse.config gain them).
+#: ``optim.paramwise`` keys with their defaults (the same as densefuse.config.DEFAULTS).
 PARAMWISE_DEFAULTS: dict[str, Any] = {
     "custom_keys": {},
     "norm_decay_mult": None,
@@ -84,6 +84,12 @@ def check_paramwise(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if not 0 < float(ld["rate"]) <= 1 or int(ld["num_layers"]) < 1:
             raise ConfigError(f"optim.paramwise.layer_decay needs 0 < rate <= 1 and num_layers >= 1, got {dict(ld)}")
     return out
+
+
+def paramwise_active(paramwise: Optional[Mapping[str, Any]]) -> bool:
+    """Whether ``optim.paramwise`` sets any rule; the all-default section (what the config fills in) keeps
+    the plain ``norm_decay`` grouping."""
+    return any(v for k, v in (paramwise or {}).items() if v is not None)
 
 
 def convnext_stage_id(name: str, num_layers: int) -> int:
@@ -164,7 +170,7 @@ def paramwise_groups(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """``cfg`` is the ``optim`` section: type (adamw | sgd), lr, weight_decay, momentum, betas, norm_decay and
     the optional ``paramwise`` rules (see the module docstring)."""
-    if cfg.get("paramwise"):
+    if paramwise_active(cfg.get("paramwise")):
         groups = paramwise_groups(model, cfg)
         for g in groups:
             g.pop("names")

@@ -18,6 +18,7 @@ from .datasets import ADE20K, Cityscapes, PascalVOC, SegDataset, SyntheticSeg, r
 from .loss import SegLoss, aux_weight_from_config, seg_cross_entropy
 from .metrics import SegMetrics
 from .palettes import class_names_for, palette_for
+from .pipeline import VALID_KEY, build_device_transform, build_test_pipeline, build_train_pipeline
 from .visualize import legend, overlay, palette_png, present_classes, save_png
 
 #: At most this many classes in a picture's legend (the last entry counts the rest).
@@ -33,8 +34,14 @@ DATASET_KWARGS: dict[str, tuple[str, ...]] = {
 
 
 def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
-    """The dataset named by ``cfg.data.type`` for ``split``; training splits get a RandomCropPad to
-    ``cfg.data.crop_size`` (image padded with the mean colour, label with 255)."""
+    """The dataset named by ``cfg.data.type`` for ``split`` with its per-sample transform.
+
+    ``data.pipeline: batch``: training splits get a RandomCropPad to ``cfg.data.crop_size`` (image padded
+    with the mean colour, label with 255); the scale-crop runs batched on the device. ``data.pipeline:
+    mmseg``: training splits get mmseg's RandomResize / RandomCrop(cat_max_ratio) / flip / pad per sample
+    (:func:`~densefuse_tasks.seg.pipeline.build_train_pipeline`, photometric left to the device) and
+    evaluation splits the test-time keep-ratio Resize of the image only (the label keeps its size).
+    """
     data = cfg["data"]
     kind = data["type"]
     if kind not in DATASET_KWARGS:
@@ -44,8 +51,12 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     check_kwargs("data.kwargs", kwargs, DATASET_KWARGS[kind])
     train = split == data["train_split"]
     crop = data["crop_size"]
-    transform = (RandomCropPad(crop, SEG_KEYS, fill=[round(float(m)) for m in data["mean"]])
-                 if train else None)
+    transform: Optional[Callable[[dict], dict]]
+    if data.get("pipeline", "batch") == "mmseg":
+        transform = build_train_pipeline(cfg, photometric=False) if train else build_test_pipeline(cfg)
+    else:
+        transform = (RandomCropPad(crop, SEG_KEYS, fill=[round(float(m)) for m in data["mean"]])
+                     if train else None)
     if kind == "synthetic":
         n = kwargs.get("num_train", 512) if train else kwargs.get("num_val", 64)
         ds: Dataset = SyntheticSeg(n, kwargs.get("size", crop), kwargs.get("num_classes", 6),
@@ -77,7 +88,7 @@ class SegTask(Task):
     default_config = "seg/synthetic_upernet_r18"
     primary_metric = "mIoU"
     metric_direction = "max"
-    dense_keys = SEG_KEYS
+    dense_keys = {**SEG_KEYS, **VALID_KEY}
     config_section = {"avg_non_ignore": False, "overlay_alpha": 0.5}
 
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
@@ -109,13 +120,17 @@ class SegTask(Task):
         return {**self.config_section, **dict(cfg.get(self.name) or {})}
 
     def build_transform(self, cfg: Mapping[str, Any], train: bool) -> Callable[[dict], dict]:
-        """Train: [photometric] -> random scale-crop to ``data.crop_size`` -> [flip] -> normalize, moving
-        the image and every dense key of :attr:`dense_keys`; eval: normalize. The uint8 image is kept
-        as ``raw_image`` for pictures."""
+        """The device half of the pipeline. ``data.pipeline: batch``: train: [photometric] -> random
+        scale-crop to ``data.crop_size`` -> [flip] -> normalize, moving the image and every dense key of
+        :attr:`dense_keys`. ``mmseg``: train: batched PhotoMetricDistortion -> normalize -> padded pixels
+        to 0 (the geometry ran per sample in the dataset). Eval: normalize. The uint8 image is kept as
+        ``raw_image`` for pictures."""
         data = cfg["data"]
         if not train:
             return Normalize(data["mean"], data["std"])
         self.validate_config(cfg)
+        if data.get("pipeline", "batch") == "mmseg":
+            return build_device_transform(cfg)
         aug = data.get("augment") or {}  # keys already validated by densefuse.config
         return build_augmentation(data["mean"], data["std"], size=data["crop_size"],
                                   scale_range=aug.get("scale_range", (0.5, 2.0)), flip=bool(aug.get("flip", True)),

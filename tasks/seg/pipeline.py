@@ -26,10 +26,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from densefuse.data import IGNORE_INDEX
+from densefuse.data import IGNORE_INDEX, Augment, Normalize, PhotoMetricDistortion
 from densefuse.errors import ConfigError
+from densefuse.tasks import DenseKey
+
+#: The validity mask of padded training crops: moved with nearest resampling, padding is invalid.
+VALID_KEY: dict[str, DenseKey] = {"valid": DenseKey("nearest", 0.0)}
 
 #: mmseg's reference scales (``RandomResize`` / test ``Resize``) per dataset: (long, short) bounds.
 DATASET_SCALES: dict[str, tuple[int, int]] = {
@@ -38,9 +42,9 @@ DATASET_SCALES: dict[str, tuple[int, int]] = {
     "cityscapes": (2048, 1024),
 }
 
-#: ``data`` keys read here, with their defaults (new config keys). ``None`` scales mean "the dataset's".
+#: ``data`` keys read here, with their defaults (as densefuse.config.DEFAULTS). ``None`` scales mean "the dataset's".
 DATA_DEFAULTS: dict[str, Any] = {
-    "pipeline": "legacy",      # legacy (the crop-then-scale augmentation) | mmseg (this module); paper configs: mmseg
+    "pipeline": "batch",       # batch (crop-then-scale on the batch) | mmseg (this module); paper configs: mmseg
     "scale": None,             # training reference scale [long, short]; None = DATASET_SCALES[data.type]
     "ratio_range": [0.5, 2.0],
     "cat_max_ratio": 0.75,
@@ -331,6 +335,24 @@ def zero_padding(batch: Mapping[str, Any]) -> dict:
     out = dict(batch)
     out["image"] = batch["image"] * batch["valid"].to(batch["image"].dtype)
     return out
+
+
+class DeviceTransform(nn.Module):
+    """The batched half of the mmseg training pipeline, on the training device: PhotoMetricDistortion (per
+    sample, kornia), Normalize, then padded pixels set to 0 (:func:`zero_padding`). Keeps ``raw_image``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], photometric: bool = True) -> None:
+        super().__init__()
+        self.augment = Augment([PhotoMetricDistortion()] if photometric else [], Normalize(mean, std))
+
+    def forward(self, batch: Mapping[str, Any]) -> dict:
+        return zero_padding(self.augment(dict(batch)))
+
+
+def build_device_transform(cfg: Mapping[str, Any]) -> DeviceTransform:
+    """:class:`DeviceTransform` from ``cfg.data`` (mean, std, augment.photometric)."""
+    data = cfg["data"]
+    return DeviceTransform(data["mean"], data["std"], bool((data.get("augment") or {}).get("photometric", False)))
 
 
 def _dataset_scale(data: Mapping[str, Any], key: str) -> Optional[tuple[int, int]]:
