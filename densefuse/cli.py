@@ -424,19 +424,23 @@ def _config_list(configs: tuple[str, ...]) -> list[Optional[str]]:
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Root of the runs; finished runs there are reused (default work_dirs/<config>_compare, "
                    "or work_dirs/compare for several configs).")
+@click.option("--metrics", default=None,
+              help="Metrics of the table: comma-separated names, or 'all' (every metric of the task, e.g. depth's "
+                   "nine of the paper's Table 5); default the task's table metrics (its primary metric).")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep every run's checkpoints (default: only what the table needs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @_friendly
 def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[str, ...], modes: str, seeds: str,
-                work_dir: Optional[str], keep_checkpoints: bool, progress: Optional[bool]) -> None:
+                work_dir: Optional[str], metrics: Optional[str], keep_checkpoints: bool, progress: Optional[bool]) -> None:
     """The paper's comparison: each config with and without scale EQ over several seeds, one table.
     Re-running with the same --work-dir reuses finished runs (add seeds or configs to extend it)."""
     from .engine.compare import compare, format_summary
 
     mode_list, seed_list = _csv_list(modes, str, "--modes"), _csv_list(seeds, int, "--seeds")
+    metric_list = metrics if metrics in (None, "all") else _csv_list(metrics, str, "--metrics")
     cfgs = [_load(c, overrides, task) for c in _config_list(configs)]
     runs, summary = compare(cfgs, mode_list, seed_list, Path(work_dir) if work_dir else None,
-                            keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo)
+                            keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo, metrics=metric_list)
     click.echo(_markdown(runs))
     click.echo()
     click.echo(format_summary(summary))
