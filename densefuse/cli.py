@@ -124,26 +124,22 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
     cfg = _load(config, overrides, task)
     if resume and work_dir is None:
         raise DensefuseError("--resume needs --work-dir")
+    from .engine.distributed import is_main
+
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
-    click.echo(f"work dir: {trainer.work_dir}")
+    if is_main():  # under torchrun every rank runs this command; one of them speaks
+        click.echo(f"work dir: {trainer.work_dir}")
     metrics = trainer.run()
-    click.echo(f"final: { {k: round(float(v), 2) for k, v in metrics.items()} }")
+    if is_main():
+        click.echo(f"final: {format_metrics(metrics)}")
 
 
-class _KeepMetric:
-    """A task that remembers the metric ``evaluate`` creates, so ``eval --out`` can write its tables
-    while evaluation runs through the same code as the trainer's."""
+def format_metrics(metrics: Any) -> str:
+    """``{'mIoU': 62.93, 'abs_rel': 0.05123}``: each value through :func:`format_metric`, so small
+    metrics (depth's abs_rel) keep their digits."""
+    from .engine.compare import format_metric
 
-    def __init__(self, task: Any) -> None:
-        self._task = task
-        self.last_metric: Any = None
-
-    def metric(self, cfg: Any) -> Any:
-        self.last_metric = self._task.metric(cfg)
-        return self.last_metric
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._task, name)
+    return "{" + ", ".join(f"'{k}': {format_metric(v)}" for k, v in metrics.items()) + "}"
 
 
 @main.command("eval")
@@ -158,19 +154,16 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     import pandas as pd
 
     from .data.loader import build_loader
-    from .engine import evaluate
+    from .engine import evaluate_full
 
     if out:
         _refuse_overwrite(out)
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
-    keeper = _KeepMetric(task)
-    summary = evaluate(model, keeper, loader, task.build_transform(cfg, train=False), device)
-    summary = {k: float(v) for k, v in summary.items()}
-    click.echo(pd.DataFrame([summary]).to_markdown(index=False, floatfmt=".2f"))
+    summary, tables = evaluate_full(model, task, loader, task.build_transform(cfg, train=False), device)
+    click.echo(_markdown(pd.DataFrame([summary])))
     if out:
-        tables = keeper.last_metric.tables() if hasattr(keeper.last_metric, "tables") else {}
         base = Path(out)
         paths = {name: base.with_name(f"{base.stem}_{name}.csv") for name in tables}
         for p in paths.values():
@@ -180,6 +173,17 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
         for name, table in tables.items():
             table.to_csv(paths[name], index=False)
         click.echo(f"wrote {', '.join(str(p) for p in [base, *paths.values()])}")
+
+
+def _markdown(frame: Any) -> str:
+    """A table as Markdown with every float through :func:`format_metric`."""
+    from .engine.compare import format_metric
+
+    shown = frame.copy()
+    for col in shown.columns:
+        if shown[col].dtype.kind == "f":
+            shown[col] = [format_metric(v) for v in shown[col]]
+    return shown.to_markdown(index=False, disable_numparse=True)
 
 
 def _refuse_overwrite(path: str) -> None:
@@ -420,20 +424,24 @@ def _config_list(configs: tuple[str, ...]) -> list[Optional[str]]:
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Root of the runs; finished runs there are reused (default work_dirs/<config>_compare, "
                    "or work_dirs/compare for several configs).")
+@click.option("--metrics", default=None,
+              help="Metrics of the table: comma-separated names, or 'all' (every metric of the task, e.g. depth's "
+                   "nine of the paper's Table 5); default the task's table metrics (its primary metric).")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep every run's checkpoints (default: only what the table needs).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @_friendly
 def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[str, ...], modes: str, seeds: str,
-                work_dir: Optional[str], keep_checkpoints: bool, progress: Optional[bool]) -> None:
+                work_dir: Optional[str], metrics: Optional[str], keep_checkpoints: bool, progress: Optional[bool]) -> None:
     """The paper's comparison: each config with and without scale EQ over several seeds, one table.
     Re-running with the same --work-dir reuses finished runs (add seeds or configs to extend it)."""
     from .engine.compare import compare, format_summary
 
     mode_list, seed_list = _csv_list(modes, str, "--modes"), _csv_list(seeds, int, "--seeds")
+    metric_list = metrics if metrics in (None, "all") else _csv_list(metrics, str, "--metrics")
     cfgs = [_load(c, overrides, task) for c in _config_list(configs)]
     runs, summary = compare(cfgs, mode_list, seed_list, Path(work_dir) if work_dir else None,
-                            keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo)
-    click.echo(runs.to_markdown(index=False, floatfmt=".2f"))
+                            keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo, metrics=metric_list)
+    click.echo(_markdown(runs))
     click.echo()
     click.echo(format_summary(summary))
 

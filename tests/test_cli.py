@@ -79,7 +79,7 @@ def test_eval_prints_the_summary_and_writes_tables(trained, tmp_path):
     per_class = pd.read_csv(tmp_path / "eval_per_class.csv")
     assert list(per_class.columns) == ["class", "IoU", "Acc"] and len(per_class) == 6
     assert per_class["IoU"].mean(skipna=True) == pytest.approx(last["mIoU"], abs=1e-6)
-    assert f"{last['mIoU']:.2f}" in r.output and "mIoU |" in r.output
+    assert f"{last['mIoU']:.2f}" in r.output and "| mIoU" in r.output
     before = snapshot(tmp_path)
     r = cli("eval", "--checkpoint", wd / "final.pth", "--out", tmp_path / "eval.csv")
     assert_user_error(r, "eval.csv already exists")
@@ -105,7 +105,7 @@ def test_work_dir_is_never_overwritten(trained):
         (["train", "--set", "nonexistent.key=1"], ["no config key 'nonexistent'"]),
         (["train", "--task", "segg"], ["unknown task 'segg' (did you mean 'seg'?)"]),
         (["eval", "--checkpoint", "missing.pth"], ["checkpoint not found: missing.pth"]),
-        (["train", "--set", "device=gpu0"], ["device 'gpu0'"]),
+        (["train", "--set", "device=gpu0"], ["'device'", "'gpu0'"]),
         (["train", "--set", "data.crop_size=[64]"], ["data.crop_size", "[64]"]),
         (["train", "--set", "model.num_classes=1"], ["model.num_classes", "at least 2"]),
         (["train", "--set", "data.augment.scale_range=[2.0,0.5]"], ["data.augment.scale_range"]),
@@ -155,10 +155,24 @@ def test_calibrate_and_inspect_commands(tmp_path):
     assert (tmp_path / "insp" / "inspect.png").stat().st_size > 1000
 
 
-def test_resume_continues_from_latest_checkpoint(tmp_path):
+def test_resume_continues_from_latest_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C after the checkpoint at iteration 3 exits 130; ``--resume`` with the same settings goes on
+    from 3; resuming the finished run again trains nothing more."""
+    from densefuse.engine import step
+
     wd = tmp_path / "wd"
-    short = [a if a != "train.iters=6" else "train.iters=3" for a in FAST]
-    assert cli("train", "--work-dir", wd, "--no-progress", *short).exit_code == 0
+    original = step.TrainStep.__call__
+
+    def interrupted(self, batches, iteration):
+        if iteration == 4:
+            raise KeyboardInterrupt
+        return original(self, batches, iteration)
+
+    monkeypatch.setattr(step.TrainStep, "__call__", interrupted)
+    r = cli("train", "--work-dir", wd, "--no-progress", *FAST)
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted", (r.exit_code, r.output)
+    assert torch.load(wd / "latest.pth", weights_only=True)["iter"] == 3 and not (wd / "final.pth").exists()
+    monkeypatch.setattr(step.TrainStep, "__call__", original)
     calib = (wd / "calibration.csv").read_bytes()
     r = cli("train", "--work-dir", wd, "--no-progress", "--resume", *FAST)
     assert r.exit_code == 0, r.output
@@ -166,6 +180,8 @@ def test_resume_continues_from_latest_checkpoint(tmp_path):
     assert list(pd.read_csv(wd / "metrics.csv")["iter"]) == [3, 6]
     assert torch.load(wd / "final.pth", weights_only=True)["iter"] == 6
     assert (wd / "calibration.csv").read_bytes() == calib  # the equalizer stats come from the checkpoint
+    r = cli("train", "--work-dir", wd, "--no-progress", "--resume", *FAST)
+    assert r.exit_code == 0 and list(pd.read_csv(wd / "metrics.csv")["iter"]) == [3, 6]
     assert_user_error(cli("train", "--work-dir", tmp_path / "empty", "--resume", *FAST), "nothing to resume")
 
 

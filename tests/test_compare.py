@@ -1,6 +1,7 @@
 """`compare`: configs with and without scale EQ over seeds, the paper's table; finished runs are reused."""
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -69,12 +70,38 @@ def test_summary_is_the_papers_table_with_the_tasks_metric_and_direction():
     table = paper_table(s)
     assert list(table.columns) == ["config", "metric", "w/o EQ", "w/ EQ", "Δ", "seeds"]
     assert table.iloc[0].tolist() == ["uper", "mIoU ↑", "41.00 ± 1.41", "44.00 ± 1.41", "+3.00", 2]
-    assert table.iloc[1].tolist() == ["gedepth", "abs_rel ↓", "0.11 ± 0.01", "0.09 ± 0.01", "-0.02", 2]
+    assert table.iloc[1].tolist() == ["gedepth", "abs_rel ↓", "0.11 ± 0.01414", "0.09 ± 0.01414", "-0.02", 2]
     assert "44.00 ± 1.41" in format_summary(s)
     three = pd.concat([runs.iloc[:4], runs.iloc[2:4].assign(mode="fold", mIoU=[44.0, 44.0])])
     t3 = paper_table(summarize(three, {"uper": "seg"}))
     assert list(t3.columns) == ["config", "metric", "w/o EQ", "w/ EQ", "Δ (w/ EQ)", "w/ EQ (fold)", "Δ (w/ EQ (fold))", "seeds"]
     assert DEFAULT_SEEDS == (0, 1, 2, 3, 4)
+
+
+def test_depth_table_5_layout_over_the_tasks_nine_metrics():
+    """w/o and w/ EQ, mean ± std over seeds, for every metric of the depth task's summary, in its order,
+    with small values readable (abs_rel ~0.05 keeps 4 significant digits)."""
+    from densefuse_tasks.depth.metrics import METRIC_NAMES
+
+    rng = np.random.default_rng(0)
+    rows = [{"config": "gedepth", "mode": m, "seed": k, "reused": False,
+             **{n: float(v) for n, v in zip(METRIC_NAMES, rng.uniform(0.04, 0.06, len(METRIC_NAMES)))}}
+            for m in ("off", "explicit") for k in range(5)]
+    runs = pd.DataFrame(rows)
+    s = summarize(runs, {"gedepth": "depth"}, metrics="all")
+    assert list(dict.fromkeys(s["metric"])) == list(METRIC_NAMES) and set(s["seeds"]) == {5}
+    table = paper_table(s)
+    assert list(table["metric"]) == [n if n != "abs_rel" else "abs_rel ↓" for n in METRIC_NAMES]
+    a = runs[runs["mode"] == "explicit"]["abs_rel"]
+    row = table[table["metric"] == "abs_rel ↓"].iloc[0]
+    assert row["w/ EQ"] == f"{a.mean():.4g} ± {a.std():.4g}"
+    # by default: the primary metric, or the metrics a task declares for its table
+    assert list(summarize(runs, {"gedepth": "depth"})["metric"].unique()) == ["abs_rel"]
+    ToyDepth.table_metrics = ("a1", "rmse")
+    try:
+        assert list(summarize(runs, {"gedepth": "toydepth"})["metric"].unique()) == ["a1", "rmse"]
+    finally:
+        del ToyDepth.table_metrics
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ never leaves a directory that blocks its re-run (stale partial directories are r
 call). Checkpoints are deleted once a run finished unless ``keep_checkpoints`` is set: the table needs
 only the final metrics.
 
-The summary follows the paper's tables (Tables 2/3): one row per config (and metric), columns
-``w/o EQ`` and ``w/ EQ`` as mean ± std over seeds, and the difference of the means, using the task's
-primary metric and its direction.
+The summary follows the paper's tables: one row per config and metric, columns ``w/o EQ`` and
+``w/ EQ`` as mean ± std over seeds, and the difference of the means. The metrics are the task's:
+its ``table_metrics`` when it declares them, else its primary metric (Tables 2/3: mIoU); ``"all"``
+takes every metric of the task's summary (depth's Table 5: the nine metrics in the metric's order).
 """
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ from ..tasks import task_class
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 RESULT = "result.json"
 MODE_LABELS = {"off": "w/o EQ", "explicit": "w/ EQ", "fold": "w/ EQ (fold)"}
+
+
+def format_metric(value: float) -> str:
+    """A metric for people: 2 decimals from 1 up (mIoU ``62.93``, RMSE ``2.35``), 4 significant digits
+    below 1 (abs_rel ``0.05123``, a std of ``0.0012``), so every metric the tasks report stays readable."""
+    v = float(value)
+    if v != v:
+        return "nan"
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"
 
 
 def run_config(cfg: Config, mode: str, seed: int) -> Config:
@@ -89,11 +99,12 @@ def compare(
     keep_checkpoints: bool = False,
     progress: Optional[bool] = False,
     log: Callable[[str], None] = print,
+    metrics: Optional[Sequence[str] | str] = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every config once per (equalizer mode, seed), reusing finished runs under ``root``.
 
     Returns ``(runs, summary)``: one row per run (config, mode, seed, reused, its summary metrics) and
-    :func:`summarize`'s table. Both are written to ``root`` as ``runs.csv`` and ``summary.csv``.
+    :func:`summarize`'s table over ``metrics`` (see there). Both are written to ``root`` as ``runs.csv`` and ``summary.csv``.
     ``root`` defaults to ``work_dirs/compare`` (or ``work_dirs/<name>_compare`` for a single config).
     """
     from . import Trainer  # the trainer pulls in the data stack; only needed to train
@@ -126,14 +137,14 @@ def compare(
                         raise ConfigError(f"{run_dir} holds a finished run of different settings; "
                                           f"choose another --work-dir to compare these")
                     log(f"[{cfg['name']}, {mode}, seed {seed}] finished before -> reusing {run_dir}")
-                    metrics = result["metrics"]
+                    values = result["metrics"]
                 else:
                     log(f"[{cfg['name']}, {mode}, seed {seed}] -> {run_dir}")
-                    metrics = _train(Trainer, run_cfg, cfg_root, run_dir, keep_checkpoints, progress)
+                    values = _train(Trainer, run_cfg, cfg_root, run_dir, keep_checkpoints, progress)
                 rows.append({"config": str(cfg["name"]), "mode": mode, "seed": int(seed), "reused": reused,
-                             **{k: float(v) for k, v in metrics.items()}})
+                             **{k: float(v) for k, v in values.items()}})
     runs = pd.DataFrame(rows)
-    summary = summarize(runs, {str(c["name"]): c["task"] for c in configs}, baseline=modes[0])
+    summary = summarize(runs, {str(c["name"]): c["task"] for c in configs}, baseline=modes[0], metrics=metrics)
     root.mkdir(parents=True, exist_ok=True)
     runs.to_csv(root / "runs.csv", index=False)
     summary.to_csv(root / "summary.csv", index=False)
@@ -158,21 +169,37 @@ def _train(trainer_cls: Any, run_cfg: Config, cfg_root: Path, run_dir: Path, kee
     return metrics
 
 
+BOOKKEEPING = ("config", "mode", "seed", "reused")
+
+
+def table_metrics(task: Any, recorded: Sequence[str], metrics: Optional[Sequence[str] | str] = None) -> list[str]:
+    """The metrics of a task's comparison table: ``metrics`` as given; ``"all"`` = every recorded metric
+    of the task's summary, in its order; ``None`` = the task's ``table_metrics`` when it declares them,
+    else its primary metric."""
+    if metrics == "all":
+        return [c for c in recorded if c not in BOOKKEEPING]
+    if metrics is not None:
+        return [metrics] if isinstance(metrics, str) else list(metrics)
+    return list(getattr(task, "table_metrics", None) or [task.primary_metric])
+
+
 def summarize(runs: pd.DataFrame, tasks: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None,
-              metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+              metrics: Optional[Sequence[str] | str] = None) -> pd.DataFrame:
     """Per config, metric and mode: mean, std (over seeds, ddof 1) and number of seeds, plus
-    ``delta`` = mean - baseline mean. ``tasks`` maps config -> task name; the metrics default to each
-    task's primary metric (``metrics`` chooses others, e.g. every depth metric)."""
+    ``delta`` = mean - baseline mean. ``tasks`` maps config -> task name (its metrics and direction);
+    ``metrics`` as in :func:`table_metrics`."""
     order_modes = list(dict.fromkeys(runs["mode"]))
     base = baseline if baseline is not None else order_modes[0]
     out = []
     for config, g in runs.groupby("config", sort=False):
-        task = task_class((tasks or {}).get(config, "seg"))
-        names = list(metrics) if metrics is not None else [task.primary_metric]
-        for metric in names:
+        if tasks is None or config not in tasks:
+            raise ConfigError(f"summarize needs the task of config '{config}'")
+        task = task_class(tasks[config])
+        recorded = [c for c in g.columns if g[c].notna().any()]
+        for metric in table_metrics(task, recorded, metrics):
             if metric not in g.columns:
                 raise ConfigError(f"metric '{metric}' is not among the results of {config}: "
-                                  f"{', '.join(c for c in g.columns if c not in ('config', 'mode', 'seed', 'reused'))}")
+                                  f"{', '.join(c for c in recorded if c not in BOOKKEEPING)}")
             stats = g.groupby("mode", sort=False)[metric].agg(["mean", "std", "count"])
             for mode in order_modes:
                 if mode not in stats.index:
@@ -185,9 +212,11 @@ def summarize(runs: pd.DataFrame, tasks: Optional[Mapping[str, str]] = None, bas
     return pd.DataFrame(out)
 
 
-def paper_table(summary: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+def paper_table(summary: pd.DataFrame, digits: Optional[int] = None) -> pd.DataFrame:
     """The paper's layout: rows = configs (and metrics), columns ``w/o EQ``, ``w/ EQ`` as
-    ``mean ± std`` and ``Δ`` (each equalized mode minus the baseline), as strings."""
+    ``mean ± std`` and ``Δ`` (each equalized mode minus the baseline), as strings: ``digits`` decimals,
+    or by default :func:`format_metric` (readable for mIoU and for depth's abs_rel alike)."""
+    fmt: Callable[[float], str] = format_metric if digits is None else (lambda v: f"{float(v):.{digits}f}")
     rows = []
     for (config, metric), g in summary.groupby(["config", "metric"], sort=False):
         direction = g["direction"].iloc[0]
@@ -196,16 +225,17 @@ def paper_table(summary: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
         modes = list(g["mode"])
         for k, (_, r) in enumerate(g.iterrows()):
             label = MODE_LABELS.get(r["mode"], r["mode"])
-            sd = f" ± {r['std']:.{digits}f}" if r["std"] == r["std"] else ""
-            row[label] = f"{r['mean']:.{digits}f}{sd}"
+            sd = f" ± {fmt(r['std'])}" if r["std"] == r["std"] else ""
+            row[label] = f"{fmt(r['mean'])}{sd}"
             if k > 0:
                 suffix = "" if len(modes) == 2 else f" ({label})"
-                row[f"Δ{suffix}"] = f"{r['delta']:+.{digits}f}"
+                delta = fmt(r["delta"])
+                row[f"Δ{suffix}"] = delta if delta.startswith("-") or delta == "nan" else f"+{delta}"
         row["seeds"] = int(g["seeds"].min())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def format_summary(summary: pd.DataFrame, digits: int = 2) -> str:
+def format_summary(summary: pd.DataFrame, digits: Optional[int] = None) -> str:
     """:func:`paper_table` as Markdown."""
     return paper_table(summary, digits).to_markdown(index=False)
