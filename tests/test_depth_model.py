@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 from densefuse_tasks.depth import DenseDepthHead, DepthTask, SyntheticRoad, expand_input_conv
-from densefuse_tasks.depth.calibration import calibrate_in_order
 
 import densefuse
 from densefuse.fusion import Fusion
@@ -63,8 +62,8 @@ def test_decoder_shape_and_sites():
 
 def test_after_calibration_every_concat_subject_is_standardized():
     cfg, task, model = make()
-    table = calibrate_in_order(model, scene_batches(task, cfg, seed=0, size=(64, 160)), forward=task.forward)
-    assert table["pass"].max() == 4
+    table = densefuse.calibrate(model, scene_batches(task, cfg, seed=0, size=(64, 160)), forward=task.forward)
+    assert table["pass"].max() == 4  # the four sites are chained: one pass per site, in dependency order
     fresh = scene_batches(task, cfg, seed=1, size=(64, 160))
     stats = concat_stats(model, task, fresh)
     assert len(stats) == 8
@@ -79,7 +78,7 @@ def test_after_calibration_every_concat_subject_is_standardized():
 
 def test_fold_matches_explicit_in_the_interior():
     cfg, task, model = make(["model.equalizer.mode=fold"])
-    calibrate_in_order(model, scene_batches(task, cfg, seed=0, n_batches=2, size=(128, 256)), forward=task.forward)
+    densefuse.calibrate(model, scene_batches(task, cfg, seed=0, n_batches=2, size=(128, 256)), forward=task.forward)
     explicit = copy.deepcopy(model)
     densefuse.set_mode(explicit, "explicit")
     densefuse.fold(model)
@@ -144,7 +143,7 @@ def test_adaptive_loss_has_the_slope_term():
 
 def test_flip_tta_averages_the_flipped_prediction():
     cfg, task, model = make(["depth.flip_tta=true"])
-    calibrate_in_order(model, scene_batches(task, cfg, seed=0, n_batches=1, batch_size=2), forward=task.forward)
+    densefuse.calibrate(model, scene_batches(task, cfg, seed=0, n_batches=1, batch_size=2), forward=task.forward)
     model.eval()
     batch = scene_batches(task, cfg, seed=2, n_batches=1, batch_size=2)[0]
     with torch.no_grad():
