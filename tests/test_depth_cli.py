@@ -13,7 +13,8 @@ from .test_depth_geometry import CAM_TO_CAM, VELO_TO_CAM, write_calib
 
 TINY = [
     "train.iters=4", "train.batch_size=2", "train.val_interval=4", "train.ckpt_interval=4", "train.log_interval=2",
-    "calibration.num_images=4", "calibration.batch_size=2", "model.decode_head.widths=[8,8,16,16,32]",
+    "calibration.num_images=4", "calibration.batch_size=2", "model.encoder.name=resnet10t",
+    "model.decode_head.widths=[8,8,16,16,32]",
     "model.decode_head.attention_channels=8",
 ]
 SYNTH = TINY + ["data.kwargs.num_train=8", "data.kwargs.num_val=3", "data.kwargs.size=[64,128]",
@@ -71,7 +72,7 @@ def test_save_prediction_writes_kitti_png(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- KITTI
 DRIVE = "2011_09_26_drive_0001_sync"
-H, W = 110, 340  # small raw frames; the KB crop is shrunk to match
+H, W = 72, 208  # small raw frames; the KB crop is shrunk to match
 
 
 def fake_kitti(root, n=4, bad=None):
@@ -99,8 +100,8 @@ def fake_kitti(root, n=4, bad=None):
 def kitti_args(root):
     return ["--config", "depth/gedepth-vanilla_r50_1xb8-38.4k_kitti-352x704.yaml", *sets(TINY + [
         f"data.root={root}", "data.train_split=splits/train.txt", "data.val_split=splits/test.txt",
-        "data.num_workers=0", "data.kwargs.kb_crop=[96,320]", "data.crop_size=[64,128]", "model.encoder.name=resnet18",
-        "train.amp=false", "depth.flip_tta=true"])]
+        "data.num_workers=0", "data.kwargs.kb_crop=[64,192]", "data.crop_size=[64,128]",
+        "train.amp=off", "depth.flip_tta=true"])]
 
 
 def test_train_eval_on_a_fake_kitti_tree(tmp_path):

@@ -4,12 +4,15 @@ import copy
 import pytest
 import torch
 from densefuse_tasks.depth import DenseDepthHead, DepthTask, SyntheticRoad, expand_input_conv
-from densefuse_tasks.depth.calibration import calibrate_in_order
 
 import densefuse
 from densefuse.fusion import Fusion
+from densefuse.inference import infer
 
 CONFIG = "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192"
+#: a smaller model for the tests whose claim does not depend on the default's size
+SMALL = ["model.encoder.name=resnet10t", "model.decode_head.widths=[8,16,16,32,32]",
+         "model.decode_head.attention_channels=8"]
 
 
 def make(overrides=(), seed=0):
@@ -63,8 +66,8 @@ def test_decoder_shape_and_sites():
 
 def test_after_calibration_every_concat_subject_is_standardized():
     cfg, task, model = make()
-    table = calibrate_in_order(model, scene_batches(task, cfg, seed=0, size=(64, 160)), forward=task.forward)
-    assert table["pass"].max() == 4
+    table = densefuse.calibrate(model, scene_batches(task, cfg, seed=0, size=(64, 160)), forward=task.forward)
+    assert table["pass"].max() == 4  # the four sites are chained: one pass per site, in dependency order
     fresh = scene_batches(task, cfg, seed=1, size=(64, 160))
     stats = concat_stats(model, task, fresh)
     assert len(stats) == 8
@@ -78,8 +81,9 @@ def test_after_calibration_every_concat_subject_is_standardized():
 
 
 def test_fold_matches_explicit_in_the_interior():
-    cfg, task, model = make(["model.equalizer.mode=fold"])
-    calibrate_in_order(model, scene_batches(task, cfg, seed=0, n_batches=2, size=(128, 256)), forward=task.forward)
+    cfg, task, model = make(["model.equalizer.mode=fold", *SMALL])
+    densefuse.calibrate(model, scene_batches(task, cfg, seed=0, n_batches=2, batch_size=2, size=(64, 160)),
+                        forward=task.forward)
     explicit = copy.deepcopy(model)
     densefuse.set_mode(explicit, "explicit")
     densefuse.fold(model)
@@ -90,7 +94,8 @@ def test_fold_matches_explicit_in_the_interior():
              for n, m in explicit.named_modules() if isinstance(m, Fusion)]
     explicit.eval()
     model.eval()
-    batch = scene_batches(task, cfg, seed=3, n_batches=1, batch_size=2, size=(128, 256))[0]
+    # 128 rows: the deepest site runs at 1/16 (8 rows), whose interior is what fold makes exact
+    batch = scene_batches(task, cfg, seed=3, n_batches=1, batch_size=1, size=(128, 192))[0]
     with torch.no_grad():
         task.forward(explicit, batch)
     for h in hooks:
@@ -133,7 +138,7 @@ def test_stride4_encoder_gets_a_conv_stem_and_modes_build():
 
 
 def test_adaptive_loss_has_the_slope_term():
-    cfg, task, model = make(["depth.ground_embedding=adaptive", "model.equalizer.mode=off"])
+    cfg, task, model = make(["depth.ground_embedding=adaptive", "model.equalizer.mode=off", *SMALL])
     batch = scene_batches(task, cfg, seed=0, n_batches=1, batch_size=2)[0]
     loss, parts = task.loss(task.forward(model, batch), batch)
     assert set(parts) == {"loss_depth", "loss_slope"}
@@ -143,13 +148,31 @@ def test_adaptive_loss_has_the_slope_term():
 
 
 def test_flip_tta_averages_the_flipped_prediction():
-    cfg, task, model = make(["depth.flip_tta=true"])
-    calibrate_in_order(model, scene_batches(task, cfg, seed=0, n_batches=1, batch_size=2), forward=task.forward)
+    cfg, task, model = make(["depth.flip_tta=true", "model.equalizer.mode=off", *SMALL])
     model.eval()
     batch = scene_batches(task, cfg, seed=2, n_batches=1, batch_size=2)[0]
     with torch.no_grad():
         merged = task.forward(model, batch)["out"]
         a = model(batch["image"], batch["ground"])["out"]
         b = model(batch["image"].flip(-1), batch["ground"].flip(-1))["out"].flip(-1)
+    assert not torch.allclose(a, b, atol=1e-4)  # the flipped view really differs
     assert torch.allclose(merged, (a + b) / 2, atol=1e-6)
     assert isinstance(DepthTask.merge_tta(task, [{"out": a}, {"out": b}])["out"], torch.Tensor)
+
+
+def test_core_flip_tta_flips_the_ground_embedding_with_the_image():
+    """densefuse.inference.infer with eval.tta.flip gives what the task's own flip TTA gives: it flips the
+    ``ground`` key with the image (a model fed the unflipped G would differ)."""
+    cfg, task, model = make(["model.equalizer.mode=off", *SMALL])
+    tta_task = densefuse.get_task("depth", densefuse.load_config(CONFIG, ["depth.flip_tta=true", *SMALL]))
+    model.eval()
+    batch = scene_batches(task, cfg, seed=2, n_batches=1, batch_size=2)[0]
+    # a level camera's G is left-right symmetric: tilt it so that flipping it matters
+    batch["ground"] = batch["ground"] * torch.linspace(0.5, 1.5, batch["ground"].shape[-1])
+    with torch.no_grad():
+        core = infer(task.forward, model, batch, {"tta": {"flip": True}})["out"]
+        own = tta_task.forward(model, batch)["out"]
+        stale = (model(batch["image"], batch["ground"])["out"]
+                 + model(batch["image"].flip(-1), batch["ground"])["out"].flip(-1)) / 2
+    assert torch.allclose(core, own, atol=1e-6)
+    assert not torch.allclose(core, stale, atol=1e-4)

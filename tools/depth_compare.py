@@ -1,8 +1,8 @@
 """Depth on the synthetic road scenes: ground embedding (vanilla / none) and equalizer modes
 (off / explicit / fold) over several seeds. Prints a Markdown table and writes runs.csv / summary.csv.
 
-The decoder's four fusion sites are chained, so the runs calibrate them one site per pass in forward
-order (densefuse_tasks.depth.calibration.calibrate_in_order) instead of the trainer's single pass.
+The decoder's four fusion sites are chained; the trainer's densefuse.calibrate measures them in dependency
+order (one pass per site), so every concat subject enters its fusion conv standardized.
 
     python tools/depth_compare.py --iters 100 --seeds 0,1,2 --out work_dirs/depth_compare
 """
@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from densefuse_tasks.depth.calibration import calibrate_in_order
 
 import densefuse
-from densefuse.engine.trainer import Trainer, calibration_batches
-from densefuse.equalizer import equalizers, fold
+from densefuse.engine.trainer import Trainer
 
 CONFIG = "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192"
 VARIANTS = {  # name -> (ground_embedding, equalizer mode)
@@ -29,22 +27,6 @@ VARIANTS = {  # name -> (ground_embedding, equalizer mode)
 }
 METRICS = ("a1", "a2", "a3", "abs_rel", "rmse", "log10", "rmse_log", "silog", "sq_rel")
 SHOWN = ["abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "silog"]
-
-
-class OrderedTrainer(Trainer):
-    """The trainer with chained-site calibration (one pass per decoder site, in forward order)."""
-
-    def calibrate(self, model, dataset):  # noqa: ANN001, ANN201 - same signature as Trainer.calibrate
-        eqs = [eq for _, eq in equalizers(model)]
-        if not eqs or all(eq.mode == "off" for eq in eqs):
-            return None
-        n = self.cfg["calibration"]["num_images"] or len(dataset)
-        table = calibrate_in_order(model, calibration_batches(self.task, self.cfg, dataset, self.device),
-                                   num_images=n, forward=self.task.forward)
-        table.to_csv(self.work_dir / "calibration.csv", index=False)
-        if any(eq.mode == "fold" for eq in eqs):
-            fold(model)
-        return table
 
 
 def main() -> None:
@@ -76,7 +58,7 @@ def main() -> None:
                     f"train.iters={args.iters}", f"train.val_interval={args.iters}",
                     f"train.ckpt_interval={args.iters}", f"schedule.warmup_iters={min(30, args.iters // 4)}",
                     f"data.kwargs.num_val={args.num_val}"])
-                metrics = OrderedTrainer(cfg, run_dir, progress=False, log=lambda _msg: None).run()
+                metrics = Trainer(cfg, run_dir, progress=False, log=lambda _msg: None).run()
                 wall = time.time() - t0
             rows.append({"variant": name, "seed": seed, "wall_s": round(wall, 1), **metrics})
             print(f"{name} seed {seed}: abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.3f} ({wall:.0f} s)",

@@ -21,7 +21,7 @@ from .geometry import Camera, adapt_ground, ground_depth, pitched_normal, read_k
 from .heads import DenseDepthHead, LevelSumHead, conv_lrelu_block
 from .loss import DepthLoss, silog_loss
 from .metrics import METRIC_NAMES, DepthMetrics, crop_mask
-from .model import GEDepth, build_depth_model, expand_input_conv
+from .model import MODEL_TYPE, GEDepth, build_depth_model, check_head_config, expand_input_conv
 from .transforms import Compose, KBCrop, TrainPipeline
 
 #: ``data.type`` -> accepted ``data.kwargs``
@@ -29,7 +29,7 @@ DATASET_KWARGS: dict[str, tuple[str, ...]] = {
     "synthetic": ("num_train", "num_val", "size", "seed", "max_pitch", "focal"),
     "kitti": ("raw_dir", "gt_dir", "lidar_plane", "kb_crop"),
 }
-EVAL_CROPS = ("garg", "eigen", None)
+EVAL_CROPS = ("garg", "eigen", "none", None)
 
 
 def depth_colormap(depth: Tensor, max_depth: float = 80.0, min_depth: float = 1.0) -> Tensor:
@@ -62,7 +62,7 @@ class DepthTask(Task):
         "camera_height": 1.65,  # metres; the slope formula's h (and the synthetic camera's height)
         "min_depth": 1.0e-3,
         "max_depth": 80.0,
-        "eval_crop": "garg",  # garg | eigen | null
+        "eval_crop": "garg",  # garg | eigen | none (null is accepted from code, not from a config file)
         "flip_tta": False,
         "slope_loss_weight": 0.08,
         "slope_bins": 11,
@@ -83,7 +83,8 @@ class DepthTask(Task):
             raise ConfigError(f"depth.ground_embedding must be vanilla, adaptive or none, got '{d['ground_embedding']}'"
                               f"{did_you_mean(str(d['ground_embedding']), ['vanilla', 'adaptive', 'none'])}")
         if d["eval_crop"] not in EVAL_CROPS:
-            raise ConfigError(f"depth.eval_crop must be garg, eigen or null, got '{d['eval_crop']}'")
+            raise ConfigError(f"depth.eval_crop must be garg, eigen or none, got '{d['eval_crop']}'"
+                              f"{did_you_mean(str(d['eval_crop']), ['garg', 'eigen', 'none'])}")
         if not 0 < float(d["min_depth"]) < float(d["max_depth"]):
             raise ConfigError(f"depth.min_depth and depth.max_depth need 0 < min < max, got "
                               f"{d['min_depth']} and {d['max_depth']}")
@@ -99,6 +100,10 @@ class DepthTask(Task):
             check_kwargs("depth.predict_camera", cam, ("fx", "fy", "cx", "cy", "pitch"))
             if missing:
                 raise ConfigError(f"depth.predict_camera lacks {', '.join(missing)}")
+        model = cfg.get("model") or {}
+        if model.get("type", MODEL_TYPE) != MODEL_TYPE:
+            raise ConfigError(f"model.type must be '{MODEL_TYPE}' for the depth task, got '{model.get('type')}'")
+        check_head_config(dict(model.get("decode_head") or {}))
         data = cfg["data"]
         if data["type"] not in DATASET_KWARGS:
             raise ConfigError(f"unknown data.type '{data['type']}' for the depth task"
@@ -178,7 +183,8 @@ class DepthTask(Task):
 
     def metric(self, cfg: Mapping[str, Any]) -> DepthMetrics:
         d = self._section(cfg)
-        return DepthMetrics(d["min_depth"], d["max_depth"], d["eval_crop"])
+        crop = None if d["eval_crop"] in (None, "none") else d["eval_crop"]
+        return DepthMetrics(d["min_depth"], d["max_depth"], crop)
 
     def predict(self, outputs: Any) -> Tensor:
         """Depth (B,1,H,W) in metres."""
@@ -197,8 +203,9 @@ class DepthTask(Task):
             pic = torch.cat([pic, depth_colormap(gt, max_depth)], dim=-2)
         return pic
 
-    def save_prediction(self, prediction: Tensor, stem: Union[str, Path]) -> list[Path]:
-        """``<stem>.png``: KITTI-style 16-bit depth (metres x 256, 0 = none); ``<stem>_vis.png``: colour map."""
+    def save_prediction(self, prediction: Tensor, stem: Union[str, Path], image: Optional[Tensor] = None) -> list[Path]:
+        """``<stem>.png``: KITTI-style 16-bit depth (metres x 256, 0 = none); ``<stem>_vis.png``: colour map.
+        ``image`` (the input picture, passed by ``densefuse predict``) is not needed: the colour map stands alone."""
         from PIL import Image
 
         stem = Path(stem)

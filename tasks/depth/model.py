@@ -11,13 +11,31 @@ from torch import Tensor, nn
 from densefuse.config import check_kwargs
 from densefuse.encoders import TimmEncoder
 from densefuse.errors import ConfigError
+from densefuse.registry import MODELS
 
 from .geometry import GROUND_MAX_DEPTH, adapt_ground, slope_bins
 from .heads import DenseDepthHead, LevelSumHead
 
 GROUND_MODES = ("vanilla", "adaptive", "none")
+#: ``model.type`` of the depth model (a builder in densefuse's MODELS registry)
+MODEL_TYPE = "gedepth"
 #: accepted keys of ``model.decode_head`` for the depth model
 HEAD_KEYS = ("type", "widths", "stem_channels", "attention_channels")
+
+
+def check_head_config(head: Mapping[str, Any]) -> None:
+    """``model.decode_head`` of the depth model: known keys, ``type: densedepth`` (ConfigError otherwise)."""
+    check_kwargs("model.decode_head", head, HEAD_KEYS)
+    if head.get("type", "densedepth") != "densedepth":
+        raise ConfigError(f"model.decode_head.type must be 'densedepth' for the depth task, got '{head.get('type')}'")
+    widths = head.get("widths")
+    if widths is not None and (not isinstance(widths, (list, tuple))
+                               or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)):
+        raise ConfigError(f"model.decode_head.widths must be a list of positive ints or null, got {widths!r}")
+    for key in ("stem_channels", "attention_channels"):
+        v = head.get(key, 64)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"model.decode_head.{key} must be a positive int, got {v!r}")
 
 
 def expand_input_conv(module: nn.Module, extra: int = 1) -> nn.Conv2d:
@@ -121,14 +139,13 @@ class GEDepth(nn.Module):
         return out
 
 
+@MODELS.register(MODEL_TYPE)
 def build_depth_model(cfg: Mapping[str, Any]) -> GEDepth:
     """The depth model of a resolved config (``model.encoder``, ``model.decode_head``, ``model.equalizer``
-    and the task section ``depth``)."""
+    and the task section ``depth``); registered as ``model.type: gedepth``."""
     m, d = cfg["model"], cfg["depth"]
     head = dict(m.get("decode_head") or {})
-    check_kwargs("model.decode_head", head, HEAD_KEYS)
-    if head.get("type", "densedepth") != "densedepth":
-        raise ConfigError(f"model.decode_head.type must be 'densedepth' for the depth task, got '{head.get('type')}'")
+    check_head_config(head)
     enc = m["encoder"]
     encoder = TimmEncoder(enc["name"], enc["out_indices"], enc.get("output_stride"), enc.get("pretrained"),
                           **dict(enc.get("kwargs") or {}))

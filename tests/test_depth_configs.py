@@ -1,0 +1,40 @@
+"""The KITTI configs: GEDepth's no-decay rule (position tables, norms) through optim.paramwise.custom_keys."""
+import copy
+
+import pytest
+
+import densefuse
+import densefuse.config as config
+from densefuse.engine.optim import PARAMWISE_DEFAULTS, paramwise_rules
+
+SWIN_L = ["depth/gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704.yaml",
+          "depth/gedepth-adaptive_swin-l_8xb2-76.8k_kitti-352x704.yaml"]
+#: a Swin of the same structure but tiny, so the test builds in a second
+TINY_SWIN = ["model.encoder.kwargs={embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 1, 1]}",
+             "model.decode_head.stem_channels=8", "model.decode_head.attention_channels=8", "data.root=unused"]
+
+
+@pytest.fixture
+def paramwise_keys(monkeypatch):
+    """The optim.paramwise keys in the config schema (as densefuse/engine/optim.py declares them)."""
+    defaults = copy.deepcopy(config.DEFAULTS)
+    defaults["optim"]["paramwise"] = copy.deepcopy(PARAMWISE_DEFAULTS)
+    monkeypatch.setattr(config, "DEFAULTS", defaults)
+    monkeypatch.setattr(config, "OPEN", config.OPEN | {"optim.paramwise.custom_keys"})
+
+
+@pytest.mark.parametrize("name", SWIN_L)
+def test_swin_l_configs_take_no_decay_on_position_tables_and_norms(paramwise_keys, name):
+    cfg = densefuse.load_config(name, TINY_SWIN)
+    assert cfg["model"]["encoder"]["name"] == "swin_large_patch4_window7_224"
+    model = densefuse.get_task("depth", cfg).build_model(cfg)
+    rules = paramwise_rules(model, cfg["optim"])
+    no_decay = {r["name"] for r in rules if r["decay_mult"] == 0.0}
+    assert any("relative_position_bias_table" in n for n in no_decay)
+    assert any(".norm" in n for n in no_decay)
+    for r in rules:
+        expected = 0.0 if any(k in r["name"] for k in ("absolute_pos_embed", "relative_position_bias_table", "norm")) else 1.0
+        assert r["decay_mult"] == expected, r["name"]
+        assert r["lr_mult"] == 1.0
+    # the decoder's fusion convs keep the decay
+    assert any(r["name"].startswith("decode_head.fusions") and r["decay_mult"] == 1.0 for r in rules)
