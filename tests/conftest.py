@@ -9,6 +9,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "seg", "synthetic_upernet_r18.yaml")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted TINY training run (tests/test_engine.py), shared read-only by the tests that inspect
+    its files and the resume tests that compare against it. ``train.keep_last=2`` only decides which
+    ``iter_*.pth`` files stay; it changes no weight or metric. Returns (work dir, final metrics)."""
+    from tests.test_engine import tiny_cfg, train
+
+    wd = tmp_path_factory.mktemp("tiny_run") / "run"
+    metrics = train(tiny_cfg("train.keep_last=2"), wd)
+    return wd, metrics
+
+
 @pytest.fixture
 def default_cfg():
     import densefuse

@@ -56,7 +56,7 @@ def test_calibration_all_reduces_over_ranks(tmp_path):
 
 #: deterministic data (no augmentation, no dropout), SGD (Adam would magnify rounding noise in
 #: near-zero gradients), calibration batches of 4 = 2 per rank
-DDP = ["data.augment.scale_range=null", "data.augment.flip=false", "optim.type=sgd", "optim.lr=0.01",
+DDP = ["data.augment.scale_range=[1,1]", "data.augment.flip=false", "optim.type=sgd", "optim.lr=0.01",
        "train.iters=20", "train.val_interval=10", "train.ckpt_interval=10", "train.log_interval=1",
        "calibration.num_images=8", "calibration.batch_size=4"]
 

@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL and resumed ends bit-identical to the uninterrupted run."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,10 +64,22 @@ def run_killed(work_dir, kill_at=-1, kill_in_save=-1, overrides=()):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("ref") / "run"
-    train(tiny_cfg(), wd)
+def reference(tiny_run):
+    """The uninterrupted run (shared with test_engine; its keep_last=2 changes no weight or metric)."""
+    return tiny_run[0]
+
+
+@pytest.fixture(scope="module")
+def killed_at_4(tmp_path_factory):
+    """One run killed before iteration index 4 (latest.pth at 3): each test resumes or damages its own copy."""
+    wd = tmp_path_factory.mktemp("killed") / "run"
+    run_killed(wd, kill_at=4)
     return wd
+
+
+def copy_run(src, tmp_path):
+    """A private copy of a killed run's work dir (its flock died with the process; nothing holds a path)."""
+    return shutil.copytree(src, tmp_path / "run", symlinks=True)
 
 
 def assert_same_run(a, b):
@@ -81,11 +94,14 @@ def assert_same_run(a, b):
 
 
 @pytest.mark.parametrize("kill_at", [4, 3], ids=["inside-interval", "right-after-save"])
-def test_sigkill_and_resume_is_bit_identical(tmp_path, reference, kill_at):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, reference, killed_at_4, kill_at):
     """Checkpoints every 3 iterations: killed before iteration 5 (index 4) the run redoes iteration 4;
     killed before index 3 it resumes right after the save at 3."""
-    wd = tmp_path / "run"
-    run_killed(wd, kill_at=kill_at)
+    if kill_at == 4:
+        wd = copy_run(killed_at_4, tmp_path)
+    else:
+        wd = tmp_path / "run"
+        run_killed(wd, kill_at=kill_at)
     assert load_checkpoint(wd / "latest.pth")["iter"] == 3
     assert not (wd / "final.pth").exists()
     train(tiny_cfg(), wd, resume=True)
@@ -104,9 +120,8 @@ def test_sigkill_while_saving_leaves_a_loadable_latest(tmp_path, reference):
     assert_same_run(reference, wd)
 
 
-def test_resume_with_another_config_names_the_keys(tmp_path, reference):
-    wd = tmp_path / "run"
-    run_killed(wd, kill_at=4)
+def test_resume_with_another_config_names_the_keys(tmp_path, reference, killed_at_4):
+    wd = copy_run(killed_at_4, tmp_path)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in wd.iterdir())
     with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002.*train\.iters: 8 -> 10"):
         train(tiny_cfg("optim.lr=0.002", "train.iters=10"), wd, resume=True)
@@ -117,9 +132,8 @@ def test_resume_with_another_config_names_the_keys(tmp_path, reference):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_latest_is_a_clear_error_and_nothing_is_overwritten(tmp_path, reference, damage):
-    wd = tmp_path / "run"
-    run_killed(wd, kill_at=4)
+def test_corrupt_latest_is_a_clear_error_and_nothing_is_overwritten(tmp_path, killed_at_4, damage):
+    wd = copy_run(killed_at_4, tmp_path)
     data = (wd / "latest.pth").read_bytes()
     (wd / "latest.pth").write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x00garbage" * 10)
     before = {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()}
