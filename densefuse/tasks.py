@@ -112,7 +112,8 @@ class Task(ABC):
         """Turn model outputs into predictions (class map, depth map)."""
 
     def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor) -> Tensor:
-        """(B,3,H,W) uint8 pictures of the predictions, for the work dir (default: the input image)."""
+        """(B,3,kH,W) uint8 pictures of the predictions for the work dir: k >= 1 rows of the input's width
+        (e.g. prediction, ground truth, legend); the trainer stacks the inputs above them."""
         return batch["raw_image"] if "raw_image" in batch else batch["image"]
 
 

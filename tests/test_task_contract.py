@@ -64,9 +64,15 @@ def _batch(task, cfg, split, train):
 def _check_dense(task, batch):
     image = batch["image"]
     assert image.dtype == torch.float32 and image.ndim == 4 and image.shape[1] == 3
-    for key in type(task).dense_keys:
-        assert key in batch, f"dense key '{key}' missing from the batch"
+    declared = type(task).dense_keys
+    present = [k for k in declared if k in batch]  # optional keys (e.g. seg's "valid") come with some pipelines only
+    assert present, f"none of the declared dense keys {sorted(declared)} is in the batch"
+    for key in present:
         assert batch[key].shape[0] == image.shape[0] and batch[key].shape[-2:] == image.shape[-2:], key
+    for key, value in batch.items():  # every other per-pixel tensor must be declared, or augmentation drops it
+        if key not in ("image", "raw_image") and isinstance(value, torch.Tensor) and value.ndim >= 3 \
+                and value.shape[-2:] == image.shape[-2:]:
+            assert key in declared, f"per-pixel batch key '{key}' is not in {type(task).__name__}.dense_keys"
 
 
 def test_train_step(setup):
@@ -111,5 +117,8 @@ def test_eval_metric_predict_visualize(setup):
     prediction = task.predict(outputs)
     b, _, h, w = batch["image"].shape
     assert isinstance(prediction, torch.Tensor) and prediction.shape[0] == b and prediction.shape[-2:] == (h, w)
+    # a task may stack several rows per sample (prediction, ground truth, legend): width and channels fixed,
+    # height at least the image's
     pictures = task.visualize(batch, prediction)
-    assert pictures.dtype == torch.uint8 and pictures.shape == (b, 3, h, w)
+    assert pictures.dtype == torch.uint8 and pictures.shape[:2] == (b, 3) and pictures.shape[-1] == w
+    assert pictures.shape[-2] >= h
