@@ -146,26 +146,6 @@ def test_work_dir_that_cannot_be_created(user_dir):
     fails(user_dir, ["train", "--work-dir", "afile/run"], "cannot create work dir afile/run")
 
 
-def test_read_only_work_dir(user_dir, monkeypatch):
-    ro = user_dir / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: let the check see what a user would see
-        import densefuse.engine.runtime as runtime
-
-        real = os.access
-        monkeypatch.setattr(runtime.os, "access", lambda p, mode: False if Path(p) == ro / "run" and mode == os.W_OK
-                            else real(p, mode))
-        (ro / "run").mkdir()
-        target = "ro/run"
-    else:
-        target = "ro/run"
-    try:
-        fails(user_dir, ["train", "--work-dir", target], "ro/run")
-    finally:
-        ro.chmod(0o755)
-
-
 def test_failed_start_does_not_block_its_rerun(user_dir):
     """A run that fails before its first checkpoint (here: a corrupt image during calibration) leaves
     nothing that blocks the same command: the re-run fails with the same data error, not 'already holds
