@@ -125,6 +125,7 @@ def test_pretrained_file_that_is_not_weights(user_dir):
     fails(user_dir, ["train", "--set", "model.encoder.pretrained=garbage.pth"], "garbage.pth")
 
 
+@LATE
 def test_missing_pretrained_file(user_dir):
     fails(user_dir, ["train", "--set", "model.encoder.pretrained=missing.pth"], "missing.pth", "model.encoder.pretrained")
 
