@@ -20,6 +20,11 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import warnings
+
+        # torch warns about the pickle protocol of a file it is about to refuse; densefuse's own line
+        # (the file is not a weights-only checkpoint) says what matters
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         try:
             return fn(*args, **kwargs)
         except DensefuseError as e:

@@ -28,9 +28,9 @@ def test_default_config_resolves_bases(default_cfg):
 def test_base_inheritance_and_override_order(tmp_path):
     _write(tmp_path / "a.yaml", {"train": {"iters": 5, "batch_size": 3}, "seed": 1})
     _write(tmp_path / "b.yaml", {"_base_": "a.yaml", "train": {"iters": 7}})
-    cfg = densefuse.load_config(tmp_path / "b.yaml", ["seed=9", "optim.lr=0.5", "train.amp=true"])
+    cfg = densefuse.load_config(tmp_path / "b.yaml", ["seed=9", "optim.lr=0.5", "train.channels_last=true"])
     assert cfg.train.iters == 7 and cfg.train.batch_size == 3
-    assert cfg.seed == 9 and cfg.optim.lr == 0.5 and cfg.train.amp is True
+    assert cfg.seed == 9 and cfg.optim.lr == 0.5 and cfg.train.channels_last is True
     assert cfg.train.val_interval == densefuse.config.DEFAULTS["train"]["val_interval"]
 
 
@@ -84,10 +84,10 @@ def test_bare_names_resolve_in_configs_dir():
 
 
 def test_yaml12_booleans_keep_mode_off_a_string(tmp_path):
-    (tmp_path / "m.yaml").write_text("model:\n  equalizer:\n    mode: off\ntrain:\n  amp: true\n")
+    (tmp_path / "m.yaml").write_text("model:\n  equalizer:\n    mode: off\ntrain:\n  channels_last: true\n")
     cfg = densefuse.load_config(tmp_path / "m.yaml", ["data.augment.flip=false"])
     assert cfg.model.equalizer.mode == "off"
-    assert cfg.train.amp is True and cfg.data.augment.flip is False
+    assert cfg.train.channels_last is True and cfg.data.augment.flip is False
     cfg = densefuse.load_config(tmp_path / "m.yaml", ["model.equalizer.mode=fold"])
     assert cfg.model.equalizer.mode == "fold"
 
