@@ -251,7 +251,7 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
     _refuse_overwrite(str(path))
     _check_num_images(num_images)
     task_obj, model, batches, n = _model_and_data(cfg, num_images)
-    table = calibrate(model, batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
+    table = calibrate(model, lambda: batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
     click.echo(table.to_markdown(index=False, floatfmt=".4f"))
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)
@@ -283,12 +283,12 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
         load_model_state(model, load_checkpoint(checkpoint), checkpoint)
     eqs = [eq for _, eq in equalizers(model)]
     if not all(eq._is_calibrated for eq in eqs):
-        calibrate(model, batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
+        calibrate(model, lambda: batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
     for eq in eqs:  # show what equalization does even for a baseline (mode off) config
         if eq.mode == "off":
             eq.set_mode("explicit")
     # other images than the calibration's
-    table = measure(model, batches(cfg["seed"] + 1), num_images=n, forward=task_obj.forward)
+    table = measure(model, lambda: batches(cfg["seed"] + 1), num_images=n, forward=task_obj.forward)
     cols = [c for c in ["site", "branch", "channels", "ratio_h", "std", "std_after", "mean", "mean_after"] if c in table]
     click.echo(table[cols].to_markdown(index=False, floatfmt=".3f"))
     for site, g in table.groupby("site", sort=False):

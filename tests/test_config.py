@@ -26,7 +26,7 @@ def test_default_config_resolves_bases(default_cfg):
 
 
 def test_base_inheritance_and_override_order(tmp_path):
-    _write(tmp_path / "a.yaml", {"train": {"iters": 5, "batch_size": 3}, "seed": 1})
+    _write(tmp_path / "a.yaml", {"train": {"iters": 5, "batch_size": 3}, "seed": 1, "model": {"num_classes": 2}})
     _write(tmp_path / "b.yaml", {"_base_": "a.yaml", "train": {"iters": 7}})
     cfg = densefuse.load_config(tmp_path / "b.yaml", ["seed=9", "optim.lr=0.5", "train.channels_last=true"])
     assert cfg.train.iters == 7 and cfg.train.batch_size == 3
@@ -84,7 +84,7 @@ def test_bare_names_resolve_in_configs_dir():
 
 
 def test_yaml12_booleans_keep_mode_off_a_string(tmp_path):
-    (tmp_path / "m.yaml").write_text("model:\n  equalizer:\n    mode: off\ntrain:\n  channels_last: true\n")
+    (tmp_path / "m.yaml").write_text("model:\n  num_classes: 2\n  equalizer:\n    mode: off\ntrain:\n  channels_last: true\n")
     cfg = densefuse.load_config(tmp_path / "m.yaml", ["data.augment.flip=false"])
     assert cfg.model.equalizer.mode == "off"
     assert cfg.train.channels_last is True and cfg.data.augment.flip is False

@@ -22,17 +22,11 @@ FENCE = re.compile(r"^```(python|bash|shell|sh)\s*$")
 SKIP = re.compile(r"^<!--\s*docs-test:\s*skip\s+(\S.*?)\s*-->$")
 
 # Blocks in docs owned elsewhere that need a real dataset or checkpoint and have no skip marker yet.
-NEEDS_MARKER = {
-    ("docs/paper.md", 0): "a real ADE20K/Cityscapes tree",
-    ("docs/paper.md", 1): "an mmseg checkpoint file",
-    ("docs/paper.md", 2): "the Cityscapes and VOC archives",
-}
+NEEDS_MARKER: dict = {}
 
 
 # Blocks that fail today for a reason outside the docs (strict: the test fails once they run).
-KNOWN_FAILING = {
-    ("docs/depth.md", 0): "the depth default config is refused: 'depth.eval_crop' must be str, got null",
-}
+KNOWN_FAILING: dict = {}
 
 
 def blocks():

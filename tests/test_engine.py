@@ -158,9 +158,9 @@ def test_second_run_into_a_locked_work_dir_is_refused(tmp_path):
 
 
 def test_train_values_are_checked_before_any_work(tmp_path):
-    with pytest.raises(DensefuseError, match="train.accum_steps must be >= 1"):
+    with pytest.raises(DensefuseError, match="'train.accum_steps' must be int >= 1"):
         train(tiny_cfg("train.accum_steps=0"), tmp_path / "a")
-    with pytest.raises(DensefuseError, match="train.amp must be one of"):
+    with pytest.raises(DensefuseError, match="'train.amp' must be one of"):
         train(tiny_cfg("train.amp=fp32"), tmp_path / "b")
     assert not os.listdir(tmp_path)
 

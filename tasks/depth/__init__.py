@@ -52,6 +52,8 @@ class DepthTask(Task):
     default_config = "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192"
     primary_metric = "abs_rel"
     metric_direction = "min"
+    #: the columns of `densefuse compare` (the paper's Table 5: all nine KITTI metrics)
+    table_metrics = METRIC_NAMES
     dense_keys = {
         "depth": DenseKey("nearest", 0.0),
         "ground": DenseKey("bilinear", 0.0),
