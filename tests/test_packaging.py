@@ -67,10 +67,12 @@ def _copy_source(dest: Path) -> Path:
 
 
 def _site_dirs():
-    """The running interpreter's site-packages (where torch, timm, ... are), never the checkout."""
+    """The running interpreter's site-packages (where torch, timm, ... are), never the checkout itself. A
+    venv inside the checkout (CI's .venv-ci) is fine: a .pth line adds its site-packages as a plain path, so
+    the editable install's own .pth finder there is not activated and the wheel's densefuse is imported."""
     dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     dirs |= {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
-    return sorted(d for d in dirs if Path(d).is_dir() and ROOT not in Path(d).resolve().parents)
+    return sorted(d for d in dirs if Path(d).is_dir() and Path(d).resolve() != ROOT)
 
 
 @pytest.mark.slow
