@@ -11,6 +11,8 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def _tool(name):
+    if str(TOOLS) not in sys.path:  # as `python tools/<name>.py` has it: the scripts share tools/_common.py
+        sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # worker processes unpickle the per-file function by module name

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from _common import machine_line
 
 import densefuse
 from densefuse.data.loader import build_loader
@@ -143,11 +141,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     args.out.mkdir(parents=True, exist_ok=True)
     calib.to_csv(args.out / "calibration.csv", index=False)
     fold.to_csv(args.out / "fold.csv", index=False)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"ResNet-18 + densefuse heads ({args.channels} channels), random init; calibration on {args.images} "
-          f"synthetic {args.size}x{args.size} images, batch {args.batch}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; {dt.date.today()}")
+          f"synthetic {args.size}x{args.size} images, batch {args.batch}; {machine_line()}")
     print()
     print(calib.to_markdown(index=False, floatfmt=".2f"))
     print()

@@ -16,11 +16,11 @@ Prints a Markdown table (seconds per image, images per second, windows per image
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _common import machine_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["vs_whole"] = summary["s_per_img"] / summary.loc["whole", "s_per_img"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    print(f"# eval at {h}x{w}, UPerNet-R18 (64 ch), CPU {args.threads} threads, {platform.machine()}, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# eval at {h}x{w}, UPerNet-R18 (64 ch); {machine_line()}")
     print(summary.round(3).to_markdown())
     print(f"\nper-round CSV: {args.out}")
     return 0

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,6 +41,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from _common import load_average, machine_line
 from torch import Tensor, nn
 
 import densefuse
@@ -181,15 +180,6 @@ def summarize(raw: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def machine() -> str:
-    try:
-        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        load = "n/a"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load avg {load}")
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4, help="N (paper: 16)")
@@ -215,7 +205,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     print(f"N={n} C={c} {h}x{h} -> {size[0]}x{size[1]} (x{args.ratio}), float32, forward+backward, "
           f"{args.warmup} warmup + {args.repeats} timed rounds, round-robin")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_line()}")
     t0 = time.perf_counter()
     raw = run(pipes, x, grad_out, args.warmup, args.repeats, progress=lambda s: print(s, flush=True))
     elapsed = time.perf_counter() - t0
@@ -227,7 +217,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print()
     print(table.to_markdown(index=False, floatfmt=("", ".2f", ".2f", ".2f", ".2f", ".3f", ".3f", ".3f")))
     print()
-    print(f"load avg after: {machine().rsplit('load avg ', 1)[1]}; {elapsed:.0f} s; "
+    print(f"load average after: {load_average()}; {elapsed:.0f} s; "
           f"wrote {args.out / 'bench_fusion.csv'} (+ _raw.csv)")
     return table
 

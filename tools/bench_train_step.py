@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import os
-import platform
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from _common import machine_line
 
 import densefuse
 
@@ -114,11 +112,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     steps.to_csv(args.out / "steps.csv", index=False)
     summary.to_csv(args.out / "summary.csv", index=False)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"UPerNet-R18, {args.channels} head channels, {args.size}x{args.size}, batch {args.batch}, "
           f"fwd+bwd+AdamW step; {args.rounds} rounds x {args.steps} steps per mode (+{args.warmup} warmup), "
-          f"interleaved; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; {dt.date.today()}")
+          f"interleaved; {machine_line()}")
     print()
     print(summary.to_markdown(index=False, floatfmt=".3f"))
     print()

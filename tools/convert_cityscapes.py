@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from _common import parallel_errors
 from PIL import Image
 
 #: Cityscapes label id -> train id (cityscapesscripts ``helpers/labels.py``); every other value -> 255.
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     work = partial(convert_one, overwrite=args.overwrite)
-    if args.nproc > 1:
-        with Pool(args.nproc) as pool:
-            errors = [e for e in pool.imap_unordered(work, files, chunksize=16) if e]
-    else:
-        errors = [e for e in map(work, files) if e]
+    errors = parallel_errors(work, files, args.nproc, chunksize=16)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     print(f"converted {len(files) - len(errors)} of {len(files)} label files under {args.root / 'gtFine'}")

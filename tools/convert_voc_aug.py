@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from _common import parallel_errors
 from PIL import Image
 
 AUG_LEN = 10582  # trainaug on the official VOC 2012 + SBD data
@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or args.devkit / "VOC2012" / "SegmentationClassAug"
     out_dir.mkdir(parents=True, exist_ok=True)
     work = partial(convert_mat, out_dir=out_dir)
-    if args.nproc > 1:
-        with Pool(args.nproc) as pool:
-            errors = [e for e in pool.imap_unordered(work, mats, chunksize=32) if e]
-    else:
-        errors = [e for e in map(work, mats) if e]
+    errors = parallel_errors(work, mats, args.nproc, chunksize=32)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if errors:
