@@ -101,7 +101,7 @@ def kitti_args(root):
     return ["--config", "depth/gedepth-vanilla_r50_1xb8-38.4k_kitti-352x704.yaml", *sets(TINY + [
         f"data.root={root}", "data.train_split=splits/train.txt", "data.val_split=splits/test.txt",
         "data.num_workers=0", "data.kwargs.kb_crop=[64,192]", "data.crop_size=[64,128]",
-        "train.amp=off", "depth.flip_tta=true"])]
+        "train.amp=off", "eval.tta.flip=true"])]
 
 
 def test_train_eval_on_a_fake_kitti_tree(tmp_path):

@@ -147,32 +147,26 @@ def test_adaptive_loss_has_the_slope_term():
     assert model.slope.out.weight.grad.abs().sum() > 0
 
 
-def test_flip_tta_averages_the_flipped_prediction():
-    cfg, task, model = make(["depth.flip_tta=true", "model.equalizer.mode=off", *SMALL])
-    model.eval()
-    batch = scene_batches(task, cfg, seed=2, n_batches=1, batch_size=2)[0]
-    with torch.no_grad():
-        merged = task.forward(model, batch)["out"]
-        a = model(batch["image"], batch["ground"])["out"]
-        b = model(batch["image"].flip(-1), batch["ground"].flip(-1))["out"].flip(-1)
-    assert not torch.allclose(a, b, atol=1e-4)  # the flipped view really differs
-    assert torch.allclose(merged, (a + b) / 2, atol=1e-6)
-    assert isinstance(DepthTask.merge_tta(task, [{"out": a}, {"out": b}])["out"], torch.Tensor)
-
-
-def test_core_flip_tta_flips_the_ground_embedding_with_the_image():
-    """densefuse.inference.infer with eval.tta.flip gives what the task's own flip TTA gives: it flips the
-    ``ground`` key with the image (a model fed the unflipped G would differ)."""
+def test_flip_tta_flips_the_ground_embedding_with_the_image():
+    """GEDepth's flip TTA is the core's ``eval.tta.flip``: the mean of the prediction and the un-flipped
+    prediction of the flipped image *and* flipped ``ground`` (a model fed the unflipped G would differ)."""
     cfg, task, model = make(["model.equalizer.mode=off", *SMALL])
-    tta_task = densefuse.get_task("depth", densefuse.load_config(CONFIG, ["depth.flip_tta=true", *SMALL]))
     model.eval()
     batch = scene_batches(task, cfg, seed=2, n_batches=1, batch_size=2)[0]
     # a level camera's G is left-right symmetric: tilt it so that flipping it matters
     batch["ground"] = batch["ground"] * torch.linspace(0.5, 1.5, batch["ground"].shape[-1])
     with torch.no_grad():
-        core = infer(task.forward, model, batch, {"tta": {"flip": True}})["out"]
-        own = tta_task.forward(model, batch)["out"]
-        stale = (model(batch["image"], batch["ground"])["out"]
-                 + model(batch["image"].flip(-1), batch["ground"])["out"].flip(-1)) / 2
-    assert torch.allclose(core, own, atol=1e-6)
+        core = infer(task.forward, model, batch, {"tta": {"flip": True}}, merge=task.merge_tta)["out"]
+        a = model(batch["image"], batch["ground"])["out"]
+        b = model(batch["image"].flip(-1), batch["ground"].flip(-1))["out"].flip(-1)
+        stale = (a + model(batch["image"].flip(-1), batch["ground"])["out"].flip(-1)) / 2
+    assert not torch.allclose(a, b, atol=1e-4)  # the flipped view really differs
+    assert torch.allclose(core, (a + b) / 2, atol=1e-6)
     assert not torch.allclose(core, stale, atol=1e-4)
+    assert isinstance(DepthTask.merge_tta(task, [{"out": a}, {"out": b}])["out"], torch.Tensor)
+
+
+def test_kitti_configs_evaluate_with_flip_tta_through_the_core():
+    cfg = densefuse.load_config("depth/gedepth-vanilla_r50_1xb8-38.4k_kitti-352x704.yaml")
+    assert cfg["eval"]["tta"]["flip"] is True
+    assert "flip_tta" not in cfg["depth"]

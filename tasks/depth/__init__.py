@@ -65,7 +65,6 @@ class DepthTask(Task):
         "min_depth": 1.0e-3,
         "max_depth": 80.0,
         "eval_crop": "garg",  # garg | eigen | none (null is accepted from code, not from a config file)
-        "flip_tta": False,
         "slope_loss_weight": 0.08,
         "slope_bins": 11,
         "slope_range": 5.0,
@@ -161,14 +160,9 @@ class DepthTask(Task):
         return g.to(img.device)[None, None].expand(img.shape[0], 1, -1, -1)
 
     def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
-        """``model(image, ground)``; in eval mode with ``depth.flip_tta`` also on the flipped input,
-        un-flipped and averaged (:meth:`merge_tta`)."""
-        ground = self._ground_for(batch)
-        out = model(batch["image"], ground)
-        if model.training or not self._section()["flip_tta"]:
-            return out
-        flipped = model(batch["image"].flip(-1), None if ground is None else ground.flip(-1))
-        return self.merge_tta([out, {k: v.flip(-1) for k, v in unwrap_outputs(flipped).items()}])
+        """``model(image, ground)``. Flip TTA (GEDepth's) is the core's ``eval.tta.flip``: it flips the
+        image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`."""
+        return model(batch["image"], self._ground_for(batch))
 
     def merge_tta(self, outputs: Sequence[Any]) -> dict[str, Tensor]:
         """Average of outputs already mapped back to the original frame (GEDepth's flip TTA)."""
