@@ -37,8 +37,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str] = None) -> Any:
-    """The resolved config, with every key, type and value checked before any work starts."""
+def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str] = None, weights: bool = True) -> Any:
+    """The resolved config, with every key, type and value checked before any work starts (``weights``:
+    also the pretrained file; commands that load a checkpoint do not need it)."""
     from .config import load_config
     from .tasks import get_task
 
@@ -46,16 +47,80 @@ def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str]
     cfg = load_config(config, overrides, task_default=default)
     if task is not None and config is not None and cfg["task"] != task:
         raise DensefuseError(f"--task {task} but the config is for task '{cfg['task']}'")
-    _validate(cfg)
+    _validate(cfg, weights)
     return cfg
 
 
-def _validate(cfg: Any) -> None:
-    """Value checks shared by every command: the device name and the task's own checks."""
+def _validate(cfg: Any, weights: bool = True) -> None:
+    """Value checks shared by every command: the device name, the task's own checks and (``weights``)
+    the pretrained file ``model.encoder.pretrained`` names."""
+    from .encoders import check_pretrained
     from .tasks import get_task
 
     _resolve_device(cfg["device"], check_only=True)
     get_task(cfg["task"], cfg).validate_config(cfg)
+    model = cfg["model"]
+    if weights and model["type"] != "smp":
+        check_pretrained(model["encoder"]["pretrained"], model["encoder"]["name"])
+
+
+def _without_pretrained(cfg: Any) -> Any:
+    """``cfg`` with ``model.encoder.pretrained: null``: a model whose weights all come from a checkpoint
+    does not need (or read) the ImageNet file it was initialized from."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out["model"]["encoder"]["pretrained"] = None
+    return out
+
+
+def _preflight(cfg: Any) -> None:
+    """Everything a training run builds from the config before its first step, built once without
+    touching the disk (datasets index their files; the model, optimizer and schedule are built on the
+    ``meta`` device, loading the pretrained file), so each user error surfaces before the run directory
+    exists. Errors of densefuse's own code are left to the real build, which shows their traceback."""
+    import warnings
+
+    import torch
+
+    from .engine.optim import build_optimizer, build_scheduler
+    from .tasks import get_task
+
+    task = get_task(cfg["task"], cfg)
+    for split in dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"])):
+        task.build_dataset(cfg, split)
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # loading weights into meta tensors is a no-op, and says so
+            model = task.build_model(cfg)
+            build_scheduler(build_optimizer(model, cfg["optim"]), cfg["schedule"], cfg["train"]["iters"])
+    except DensefuseError:
+        raise
+    except Exception:  # noqa: BLE001, S110 - not the user's: the real build raises it with its traceback
+        pass
+
+
+def check_work_dir(path: Path) -> None:
+    """A run directory can be created and written: probe the directory (or its nearest existing parent)
+    with a temporary file, so a read-only or impossible ``--work-dir`` is one error line before any work."""
+    import os
+    import tempfile
+
+    target = Path(path)
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == target:
+            raise DensefuseError(f"work dir {target} is a file")
+        raise DensefuseError(f"cannot create work dir {target}: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".densefuse-probe-", dir=existing)
+    except OSError as e:
+        where = "" if existing == target else f" ({existing})"
+        raise DensefuseError(f"work dir {target} is not writable{where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _resolve_device(name: str, check_only: bool = False) -> Any:
@@ -93,12 +158,12 @@ def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[s
         if "config" not in state:
             raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
         cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
-        _validate(cfg)
+        _validate(cfg, weights=False)
     else:
-        cfg = _load(config, overrides)
+        cfg = _load(config, overrides, weights=False)
     task = get_task(cfg["task"], cfg)
     device = _resolve_device(cfg["device"])
-    model = task.build_model(cfg).to(device)
+    model = task.build_model(_without_pretrained(cfg)).to(device)
     load_model_state(model, state, checkpoint)
     return cfg, task, model, device
 
@@ -129,9 +194,11 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
     cfg = _load(config, overrides, task)
     if resume and work_dir is None:
         raise DensefuseError("--resume needs --work-dir")
-    from .engine.distributed import is_main
+    from .engine.distributed import is_main, on_main
 
+    _preflight(cfg)
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
+    on_main(lambda: check_work_dir(trainer.work_dir))
     if is_main():  # under torchrun every rank runs this command; one of them speaks
         click.echo(f"work dir: {trainer.work_dir}")
     metrics = trainer.run()
@@ -273,7 +340,9 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     from .equalizer import calibrate, equalizers, measure
     from .report import plot_inspection
 
-    cfg = _load(config, overrides, task)
+    cfg = _load(config, overrides, task, weights=checkpoint is None)
+    if checkpoint:
+        cfg = _without_pretrained(cfg)
     out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
     for name in ("inspect.csv", "inspect.png"):
         _refuse_overwrite(str(out_dir / name))
@@ -444,6 +513,10 @@ def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[
     mode_list, seed_list = _csv_list(modes, str, "--modes"), _csv_list(seeds, int, "--seeds")
     metric_list = metrics if metrics in (None, "all") else _csv_list(metrics, str, "--metrics")
     cfgs = [_load(c, overrides, task) for c in _config_list(configs)]
+    for cfg in cfgs:
+        _preflight(cfg)
+    if work_dir is not None:
+        check_work_dir(Path(work_dir))
     runs, summary = compare(cfgs, mode_list, seed_list, Path(work_dir) if work_dir else None,
                             keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo, metrics=metric_list)
     click.echo(_markdown(runs))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, UnknownKeyError, did_you_mean
 
 PathLike = Union[str, Path]
 
@@ -266,11 +266,14 @@ class Rule:
     pattern: Optional[str] = None
     length: Optional[int] = None  # for lists
     item: Optional["Rule"] = None  # rule of every list item
+    ignore_case: bool = False  # string choices compared case-insensitively (``AdamW`` is ``adamw``)
 
     def ok(self, value: Any) -> bool:
         if value is None:
             return self.nullable
         if self.choices is not None:
+            if self.ignore_case and isinstance(value, str):
+                return value.lower() in self.choices
             return value in self.choices and (self.kind != "int" or isinstance(value, int))
         if not _KIND_OK[self.kind](value):
             return False
@@ -371,6 +374,7 @@ RULES: dict[str, Rule] = {
     "train.accum_steps": _POS_INT,
     "train.keep_last": Rule("int", min=0),
     "train.dist_timeout": Rule("number", gt=0),
+    "optim.type": Rule("str", choices=("adamw", "sgd"), ignore_case=True),
     "optim.lr": Rule("number", gt=0),
     "optim.weight_decay": Rule("number", min=0),
     "optim.momentum": Rule("number", min=0),
@@ -381,6 +385,7 @@ RULES: dict[str, Rule] = {
     "optim.paramwise.bias_lr_mult": Rule("number", nullable=True, min=0),
     "optim.paramwise.dwconv_decay_mult": Rule("number", nullable=True, min=0),
     "optim.paramwise.layer_decay": Rule("mapping", nullable=True),
+    "schedule.type": Rule("str", choices=("poly", "constant")),
     "schedule.power": Rule("number", min=0),
     "schedule.min_lr": Rule("number", min=0),
     "schedule.warmup_iters": Rule("int", min=0),
@@ -422,9 +427,12 @@ def _fail(path: str, rule: Rule, value: Any, where: str, extra: str = "") -> Con
     return ConfigError(f"{where}'{path}' must be {rule.describe()}{extra}, got {_type_name(value)} {value!r}")
 
 
-def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str, Callable[[str], str]] = "") -> None:
-    """Unknown keys (with a hint) and every value against its :class:`Rule`. ``source`` names where a
-    value came from (a file, ``--set``), or maps a dotted key to that name."""
+def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str, Callable[[str], str]] = "",
+           rules: Optional[Mapping[str, Rule]] = None) -> None:
+    """Unknown keys (with a hint) and every value against its :class:`Rule` (``rules``, default
+    :data:`RULES`). ``source`` names where a value came from (a file, ``--set``), or maps a dotted key to
+    that name."""
+    rules = RULES if rules is None else rules
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         src = source(path) if callable(source) else source
@@ -432,13 +440,13 @@ def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str,
         if key not in defaults:
             raise ConfigError(f"{where}unknown config key '{path}'{did_you_mean(key, defaults, prefix)}")
         default = defaults[key]
-        rule = RULES.get(path) or _rule_from_default(default)
+        rule = rules.get(path) or _rule_from_default(default)
         if not rule.ok(value):
             raise _fail(path, rule, value, where)
         if path in OPEN or value is None:
             continue
         if isinstance(default, Mapping):
-            _check(value, default, path + ".", source)
+            _check(value, default, path + ".", source, rules)
 
 
 # ------------------------------------------------------------------------------------------ heads
@@ -489,15 +497,17 @@ def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Calla
         for key in list(spec):
             path = f"{section}.{key}"
             ok = key in accepted and _fits(spec[key], accepted[key])
-            if ok and key in choices and spec[key] not in choices[key]:
-                raise ConfigError(f"{source(path)}: '{path}' must be one of {', '.join(choices[key])}, "
-                                  f"got {spec[key]!r}{did_you_mean(str(spec[key]), choices[key])}")
-            if ok:
+            bad_choice = key in accepted and key in choices and spec[key] not in choices[key]
+            if ok and not bad_choice:
                 continue
             if switched and path not in written and key in base:
                 del spec[key]
                 continue
             where = f"{source(path)}: "
+            if bad_choice:  # whatever its type: the choices say what to write
+                raise ConfigError(f"{where}'{path}' must be one of {', '.join(choices[key])}, "
+                                  f"got {_type_name(spec[key])} {spec[key]!r}"
+                                  f"{did_you_mean(str(spec[key]), choices[key])}")
             if key not in accepted:
                 hint = did_you_mean(key, accepted, section + ".")
                 names = ", ".join(k for k in accepted if k != "type")
@@ -588,6 +598,16 @@ def defaults_for(task: str) -> dict:
     return defaults
 
 
+def rules_for(task: str) -> dict[str, Rule]:
+    """:data:`RULES` plus the task's rules for its own section: a task class may declare
+    ``config_rules = {key: Rule}`` (keys inside its section, e.g. ``{"eval_crop": Rule("str",
+    choices=...)}``) so a wrong value of any type lists the choices."""
+    from .tasks import task_class
+
+    own = getattr(task_class(task), "config_rules", None) or {}
+    return {**RULES, **{f"{task}.{k}": r for k, r in own.items()}}
+
+
 def from_dict(
     data: Mapping[str, Any],
     overrides: Iterable[str] = (),
@@ -618,14 +638,41 @@ def from_dict(
                 return f"--set {k}={v}"
         return source
 
-    _check(cfg, defaults, source=origin)
+    rules = rules_for(task)
+    _check(cfg, defaults, source=origin, rules=rules)
     written_all = (set(written) if written is not None else _written_keys(data)) | set_keys
-    _check_heads(cfg, inherited if inherited is not None else {}, written_all, origin)
+    inherited = inherited if inherited is not None else {}
+    _check_heads(cfg, inherited, written_all, origin)
     _check_sections(cfg, origin)
     out = _wrap(cfg)
-    task_class_ = _task_class(task)
-    task_class_(out).validate_config(out)
+    _validate_task(task, out, _switched_dataset_keys(cfg, inherited, written_all), origin)
     return out
+
+
+def _switched_dataset_keys(cfg: Mapping[str, Any], inherited: Mapping[str, Any], written: set[str]) -> set[str]:
+    """``data.kwargs`` keys a ``_base_`` file gave for another ``data.type`` than the config's (a switch by
+    the top file or ``--set``) and that the user did not write: the task may drop them."""
+    base = _get(inherited, "data") or {}
+    if base.get("type") is None or base.get("type") == cfg["data"]["type"]:
+        return set()
+    given = cfg["data"].get("kwargs") or {}
+    return {f"data.kwargs.{k}" for k in (base.get("kwargs") or {}) if k in given and f"data.kwargs.{k}" not in written}
+
+
+def _validate_task(task: str, cfg: Config, droppable: set[str], source: Callable[[str], str]) -> None:
+    """The task's own checks (``Task.validate_config``). A key it does not accept is dropped when it is
+    in ``droppable`` (inherited for another dataset type), else the error names where the key came from."""
+    droppable = set(droppable)
+    while True:
+        try:
+            _task_class(task)(cfg).validate_config(cfg)
+            return
+        except UnknownKeyError as e:
+            if e.key not in droppable:
+                raise UnknownKeyError(f"{source(e.key)}: {e}", e.key) from None
+            droppable.discard(e.key)
+            section, _, key = e.key.rpartition(".")
+            del _get(cfg, section)[key]
 
 
 def _check_sections(cfg: Mapping[str, Any], source: Callable[[str], str]) -> None:
@@ -647,12 +694,15 @@ def _task_class(name: str) -> Any:
     return task_class(name)
 
 
-def check_kwargs(section: str, kwargs: Mapping[str, Any], accepted: Iterable[str]) -> None:
-    """Raise a :class:`ConfigError` naming ``section.key`` for every key a builder does not accept."""
+def check_kwargs(section: str, kwargs: Mapping[str, Any], accepted: Iterable[str], owner: str = "") -> None:
+    """Raise an :class:`~densefuse.errors.UnknownKeyError` naming ``section.key`` for the first key a builder
+    does not accept. ``owner`` (e.g. ``"data.type 'ade20k'"``) adds what reads the section and the keys it takes."""
     accepted = list(accepted)
     for k in kwargs:
         if k not in accepted:
-            raise ConfigError(f"unknown config key '{section}.{k}'{did_you_mean(k, accepted, section + '.')}")
+            hint = did_you_mean(k, accepted, section + ".")
+            takes = f" for {owner}{hint}; it takes: {', '.join(accepted) or 'none'}" if owner else hint
+            raise UnknownKeyError(f"unknown config key '{section}.{k}'{takes}", f"{section}.{k}")
 
 
 def dump(cfg: Mapping, path: PathLike) -> None:

@@ -192,7 +192,7 @@ def test_keys_the_user_wrote_are_never_dropped(tmp_path):
 
 def test_head_values_checked_at_load():
     with pytest.raises(ConfigError, match=r"'model.decode_head.branch' must be one of conv_bn_relu_up, "
-                                          r"conv_relu_up_bn, conv_relu_up_gn, conv_relu_up_ln, got 'conv_relu_up_bm'"):
+                                          r"conv_relu_up_bn, conv_relu_up_gn, conv_relu_up_ln, got str 'conv_relu_up_bm'"):
         densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.branch=conv_relu_up_bm"])
     with pytest.raises(ConfigError, match=r"unknown model.decode_head.predictor 'clsseg' \(did you mean 'cls_seg'"):
         densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.predictor=clsseg"])

@@ -37,8 +37,6 @@ def user_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-LATE = pytest.mark.xfail(strict=True, reason="the encoder's pretrained file is read only after the run "
-                                              "directory was created (the error itself is one line)")
 
 
 def fails(user_dir, args, *fragments, ignore=()):
@@ -65,9 +63,7 @@ def fails(user_dir, args, *fragments, ignore=()):
     pytest.param(["train", "--set", "data.crop_size=[64]"], ["data.crop_size", "[64]"], id="crop-size-one-value"),
     pytest.param(["train", "--set", "train.amp=maybe"], ["train.amp", "maybe"], id="amp-value"),
     pytest.param(["train", "--set", "optim.lr"], ["--set expects key=value", "'optim.lr'"], id="set-without-value"),
-    pytest.param(["train", "--set", "data.type=kitti"], ["data.type", "'kitti'", "synthetic"], id="unknown-dataset",
-                 marks=pytest.mark.xfail(strict=True, reason="seg's data.type is checked only after the work dir "
-                                                             "was created (SegTask.validate_config does not check it)")),
+    pytest.param(["train", "--set", "data.type=kitti"], ["data.type", "'kitti'", "synthetic"], id="unknown-dataset"),
     pytest.param(["calibrate", "--set", "model.decode_head.type=psph"], ["model.decode_head.type", "'psph'",
                                                                          "did you mean 'psp'"], id="unknown-head"),
     pytest.param(["train", "--set", "train.itres=3"], ["did you mean 'train.iters'"], id="unknown-key"),
@@ -97,7 +93,7 @@ def test_unknown_key_in_a_file_names_the_key(user_dir):
 # files that are not what they claim: refused, never executed
 
 
-@pytest.mark.parametrize("command", ["eval", "inspect", "predict", pytest.param("pretrained", marks=LATE)])
+@pytest.mark.parametrize("command", ["eval", "inspect", "predict", "pretrained"])
 def test_malicious_pickle_is_refused_everywhere(user_dir, command):
     _write_image(user_dir / "img.png", (32, 32))
     args = {
@@ -120,12 +116,10 @@ def test_malicious_latest_checkpoint_is_refused_on_resume(user_dir):
     assert not (user_dir / "pwned.txt").exists()
 
 
-@LATE
 def test_pretrained_file_that_is_not_weights(user_dir):
     fails(user_dir, ["train", "--set", "model.encoder.pretrained=garbage.pth"], "garbage.pth")
 
 
-@LATE
 def test_missing_pretrained_file(user_dir):
     fails(user_dir, ["train", "--set", "model.encoder.pretrained=missing.pth"], "missing.pth", "model.encoder.pretrained")
 
