@@ -74,9 +74,66 @@ def fails(user_dir, args, *fragments, ignore=()):
     pytest.param(["eval", "--checkpoint", "missing.pth"], ["checkpoint not found: missing.pth"], id="missing-checkpoint"),
     pytest.param(["compare", "--modes", "off,bogus"], ["unknown equalizer mode(s) bogus"], id="unknown-compare-mode"),
     pytest.param(["train", "--resume"], ["--resume needs --work-dir"], id="resume-without-work-dir"),
+    pytest.param(["train", "--task", "depth", "--set", "data.type=ade20k"], ["data.type 'ade20k'", "kitti"],
+                 id="unknown-depth-dataset"),
+    pytest.param(["train", "--set", "data.type=ade20k", "--set", "model.num_classes=150"],
+                 ["data.root must be set", "'ade20k'"], id="dataset-without-root"),
+    pytest.param(["train", "--set", "data.type=ade20k", "--set", "data.root=nope"],
+                 ["model.num_classes is 6", "150"], id="num-classes-of-the-dataset"),
+    pytest.param(["train", "--set", "data.type=ade20k", "--set", "data.root=nope", "--set", "model.num_classes=150"],
+                 ["ADE20K root", "nope"], id="missing-dataset-root"),
+    pytest.param(["train", "--set", "data.pipeline=mmseg", "--set", "eval.batch_size=2"],
+                 ["eval.batch_size=2", "data.pipeline: mmseg", "eval.batch_size=1"], id="mmseg-eval-batch"),
+    pytest.param(["train", "--set", "model.encoder.pretrained=."], ["pretrained weights .", "is not a file"],
+                 id="pretrained-is-a-folder"),
+    pytest.param(["train", "--set", "optim.type=adamx"], ["'optim.type' must be one of adamw, sgd", "'adamx'"],
+                 id="optim-type"),
 ])
 def test_bad_value_is_one_line_before_any_work(user_dir, args, fragments):
     fails(user_dir, args, *fragments)
+
+
+@pytest.mark.parametrize("task, setting, choices", [
+    ("seg", "train.amp=true", "off, fp16, bf16"),
+    ("seg", "model.equalizer.mode=false", "off, explicit, fold"),
+    ("seg", "data.pipeline=true", "batch, mmseg"),
+    ("seg", "eval.mode=1", "whole, slide"),
+    ("seg", "optim.type=true", "adamw, sgd"),
+    ("seg", "schedule.type=1", "poly, constant"),
+    ("seg", "model.encoder.output_stride=abc", "8, 16, 32"),
+    ("seg", "model.decode_head.branch=true", "conv_bn_relu_up, conv_relu_up_bn"),
+    ("depth", "depth.eval_crop=true", "garg, eigen, none"),
+    ("depth", "depth.ground_embedding=false", "vanilla, adaptive, none"),
+])
+def test_a_choice_of_the_wrong_type_lists_the_choices(user_dir, task, setting, choices):
+    """YAML reads ``true`` as a bool and ``1`` as an int: the message still lists what to write."""
+    key = setting.split("=")[0]
+    fails(user_dir, ["train", "--task", task, "--set", setting], f"'{key}' must be one of {choices}")
+
+
+def test_switching_the_dataset_with_set_drops_the_old_datasets_keys(user_dir):
+    """The synthetic base's ``data.kwargs`` (num_train, ...) do not follow a ``--set data.type=ade20k``:
+    the ADE20K tree trains; a key the user writes for the new type is still checked."""
+    root = _ade_tree(user_dir / "ade")
+    switch = ["--set", "data.type=ade20k", "--set", f"data.root={root}", "--set", "model.num_classes=150",
+              "--set", "data.val_split=training"]
+    cfg = densefuse.load_config("seg/synthetic_upernet_r18", [a for a in switch if a != "--set"])
+    assert dict(cfg.data.kwargs) == {}
+    fails(user_dir, ["train", *switch, "--set", "data.kwargs.num_train=4"],
+          "--set data.kwargs.num_train=4", "unknown config key 'data.kwargs.num_train' for data.type 'ade20k'",
+          "it takes: reduce_zero_label")
+    r = cli("calibrate", *switch, "--set", "data.crop_size=[32,32]", "--set", "calibration.batch_size=2",
+            "--set", "model.decode_head.channels=16", "--set", "model.auxiliary_head.channels=8",
+            "--num-images", "2", "--out", "c.csv")
+    assert r.exit_code == 0, r.output
+
+
+def test_switching_the_depth_dataset_drops_the_synthetic_keys(user_dir):
+    cfg = densefuse.load_config("depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192",
+                                ["data.type=kitti", "data.root=kitti"])
+    assert dict(cfg.data.kwargs) == {}
+    fails(user_dir, ["train", "--task", "depth", "--set", "data.type=kitti", "--set", "data.root=kitti"],
+          "split file not found", "kitti")
 
 
 def test_yaml_syntax_error_names_line_and_column(user_dir):
@@ -139,6 +196,30 @@ def test_work_dir_with_the_users_files_is_refused(user_dir):
 def test_work_dir_that_cannot_be_created(user_dir):
     (user_dir / "afile").write_text("x")
     fails(user_dir, ["train", "--work-dir", "afile/run"], "cannot create work dir afile/run")
+
+
+def test_work_dir_below_a_file(user_dir):
+    (user_dir / "afile").write_text("x")
+    fails(user_dir, ["train", "--work-dir", "afile/deeper/run"], "cannot create work dir afile/deeper/run",
+          "afile is not a directory")
+
+
+def test_read_only_work_dir(user_dir, monkeypatch):
+    """The write probe's failure is one line naming the work dir (tests run as root, who may write into a
+    read-only folder, so the probe's PermissionError is what a user without write access gets)."""
+    import tempfile
+
+    (user_dir / "ro").mkdir()
+    real = tempfile.mkstemp
+
+    def refused(*args, **kwargs):
+        if Path(kwargs.get("dir", "")).resolve() == (user_dir / "ro").resolve():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    fails(user_dir, ["train", "--work-dir", "ro/run"], "work dir ro/run is not writable (ro): Permission denied")
+    fails(user_dir, ["train", "--work-dir", "ro"], "work dir ro is not writable: Permission denied")
 
 
 def test_failed_start_does_not_block_its_rerun(user_dir):

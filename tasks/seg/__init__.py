@@ -71,6 +71,10 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     data = cfg["data"]
     kind = data["type"]
     check_dataset_config(cfg)
+    want, have = cfg["model"]["num_classes"], dataset_classes(data)
+    if want != have:
+        raise ConfigError(f"model.num_classes is {want} but the {kind} dataset has {have} classes; "
+                          f"set model.num_classes={have}")
     kwargs = dict(data.get("kwargs") or {})
     train = split == data["train_split"]
     crop = data["crop_size"]
@@ -91,10 +95,6 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
             ds = PascalVOC(data["root"], split, transform)
         else:
             ds = Cityscapes(data["root"], split, transform)
-    want, have = cfg["model"]["num_classes"], dataset_classes(data)
-    if want != have:
-        raise ConfigError(f"model.num_classes is {want} but the {kind} dataset has {have} classes; "
-                          f"set model.num_classes={have}")
     return ds
 
 
