@@ -88,6 +88,17 @@ def test_eval_prints_the_summary_and_writes_tables(trained, tmp_path):
     assert r.exit_code == 0 and f"{last['mIoU']:.2f}" in r.output
 
 
+def test_eval_does_not_need_the_pretrained_file_of_the_checkpoint(trained, tmp_path):
+    """Every weight comes from the checkpoint: an ImageNet file named in its config but absent here is not read."""
+    wd, _ = trained
+    state = torch.load(wd / "final.pth", weights_only=True)
+    state["config"]["model"]["encoder"]["pretrained"] = str(tmp_path / "gone.pth")
+    torch.save(state, tmp_path / "moved.pth")
+    r = cli("eval", "--checkpoint", tmp_path / "moved.pth")
+    assert r.exit_code == 0, r.output
+    assert f"{pd.read_csv(wd / 'metrics.csv').iloc[-1]['mIoU']:.2f}" in r.output
+
+
 def test_work_dir_is_never_overwritten(trained):
     wd, _ = trained
     before = snapshot(wd)

@@ -181,6 +181,30 @@ def test_missing_pretrained_file(user_dir):
     fails(user_dir, ["train", "--set", "model.encoder.pretrained=missing.pth"], "missing.pth", "model.encoder.pretrained")
 
 
+def test_pretrained_file_of_another_model_is_refused_before_the_run_dir(user_dir):
+    """A weights-only file whose tensors do not fit the encoder: found by the build before the run dir."""
+    import torch
+
+    torch.save({"foo.weight": torch.zeros(3)}, user_dir / "other.pth")
+    fails(user_dir, ["train", "--set", "model.encoder.pretrained=other.pth"], "other.pth", "foo.weight")
+
+
+def test_pretrained_file_trains(user_dir):
+    """A real weights file (timm's resnet18 layout, saved as zip, legacy and safetensors) passes the check and trains."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    sd = timm.create_model("resnet18", pretrained=False).state_dict()
+    torch.save(sd, user_dir / "r18.pth", _use_new_zipfile_serialization=False)
+    save_file(sd, str(user_dir / "r18.safetensors"))
+    for name in ("r18.pth", "r18.safetensors"):
+        r = cli("train", "--work-dir", f"run_{Path(name).suffix[1:]}", "--no-progress", "--set", "train.iters=1",
+                "--set", "train.batch_size=2", "--set", "data.kwargs.num_val=2", "--set", "calibration.num_images=2",
+                "--set", f"model.encoder.pretrained={name}", *SMALL)
+        assert r.exit_code == 0, r.output
+
+
 # --------------------------------------------------------------------------------------------------
 # work directories: never write into the user's files
 
@@ -202,6 +226,11 @@ def test_work_dir_below_a_file(user_dir):
     (user_dir / "afile").write_text("x")
     fails(user_dir, ["train", "--work-dir", "afile/deeper/run"], "cannot create work dir afile/deeper/run",
           "afile is not a directory")
+
+
+def test_compare_work_dir_below_a_file(user_dir):
+    (user_dir / "afile").write_text("x")
+    fails(user_dir, ["compare", "--seeds", "0", "--work-dir", "afile/cmp", *SMALL], "cannot create work dir afile/cmp")
 
 
 def test_read_only_work_dir(user_dir, monkeypatch):
