@@ -148,10 +148,20 @@ def check_pretrained(pretrained: Union[str, bool, None], name: str) -> Optional[
     except OSError as e:
         raise ConfigError(f"cannot read pretrained weights {pretrained} ({PRETRAINED_KEY}): {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file: one clear line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"cannot load weights from {pretrained} ({PRETRAINED_KEY}): not a weights-only "
-                          f"PyTorch/safetensors checkpoint ({type(e).__name__}: {first[:200]})") from None
+                          f"PyTorch/safetensors checkpoint ({type(e).__name__}: {_reason(e)})") from None
     return path
+
+
+def _reason(error: Exception) -> str:
+    """The part of a load error that names what is wrong with the file (torch's weights-only refusal
+    first explains its defaults and how to load unsafely, which is not advice for a file we refuse)."""
+    import re
+
+    text = str(error).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = found.group(1) if found else (text.splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].strip()[:200]
 
 
 def _read_weights(path: Path) -> None:
