@@ -79,6 +79,22 @@ def _preflight(cfg: Any) -> None:
     touching the disk (datasets index their files; the model, optimizer and schedule are built on the
     ``meta`` device, loading the pretrained file), so each user error surfaces before the run directory
     exists. Errors of densefuse's own code are left to the real build, which shows their traceback."""
+    from .tasks import get_task
+
+    task = get_task(cfg["task"], cfg)
+    for split in dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"])):
+        task.build_dataset(cfg, split)
+    try:
+        build_on_meta(cfg)
+    except DensefuseError:
+        raise
+    except Exception:  # noqa: BLE001, S110 - not the user's: the real build raises it with its traceback
+        pass
+
+
+def build_on_meta(cfg: Any) -> None:
+    """Build the model (loading its pretrained file), optimizer and schedule of ``cfg`` on PyTorch's ``meta``
+    device: every check their builders make, at no cost in memory or initialization time."""
     import warnings
 
     import torch
@@ -86,18 +102,10 @@ def _preflight(cfg: Any) -> None:
     from .engine.optim import build_optimizer, build_scheduler
     from .tasks import get_task
 
-    task = get_task(cfg["task"], cfg)
-    for split in dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"])):
-        task.build_dataset(cfg, split)
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")  # loading weights into meta tensors is a no-op, and says so
-            model = task.build_model(cfg)
-            build_scheduler(build_optimizer(model, cfg["optim"]), cfg["schedule"], cfg["train"]["iters"])
-    except DensefuseError:
-        raise
-    except Exception:  # noqa: BLE001, S110 - not the user's: the real build raises it with its traceback
-        pass
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # loading weights into meta tensors is a no-op, and says so
+        model = get_task(cfg["task"], cfg).build_model(cfg)
+        build_scheduler(build_optimizer(model, cfg["optim"]), cfg["schedule"], cfg["train"]["iters"])
 
 
 def check_work_dir(path: Path) -> None:
