@@ -257,7 +257,7 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
 class Rule:
     """What one config value may be: a kind, optional null, bounds, choices, a pattern, list shape."""
 
-    kind: str  # "int" | "number" | "str" | "bool" | "list" | "mapping" | "any"
+    kind: str  # "int" | "number" | "str" | "bool" | "list" | "mapping" | "name" | "any"
     nullable: bool = False
     min: Optional[float] = None  # inclusive lower bound
     gt: Optional[float] = None  # exclusive lower bound
@@ -297,7 +297,7 @@ class Rule:
             text = f"a list of {n}{first}s" + (f" {rest}" if rest else "")
         else:
             text = {"int": "int", "number": "number", "str": "str", "bool": "bool", "mapping": "mapping",
-                    "any": "any value"}[self.kind]
+                    "name": "a name", "any": "any value"}[self.kind]
             if self.pattern is not None:
                 text = self.pattern_text or text
             bounds = [f">= {_num(self.min)}" if self.min is not None else "",
@@ -326,6 +326,8 @@ _KIND_OK = {
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, (list, tuple)),
     "mapping": lambda v: isinstance(v, Mapping),
+    # a registry or dataset name: any scalar passes here, so the code that knows the names lists them
+    "name": lambda v: isinstance(v, (str, int, float, bool)),
     "any": lambda v: True,
 }
 
@@ -343,7 +345,7 @@ RULES: dict[str, Rule] = {
     "seed": Rule("int", min=0),
     "device": Rule("str", pattern=_DEVICE),
     "work_dir": Rule("str", nullable=True),
-    "model.type": Rule("str"),
+    "model.type": Rule("name"),
     "model.num_classes": _POS_INT,
     "model.equalizer.mode": Rule("str", choices=("off", "explicit", "fold")),
     "model.equalizer.eps": Rule("number", gt=0),
@@ -353,6 +355,7 @@ RULES: dict[str, Rule] = {
     "model.encoder.pretrained": Rule("str", nullable=True),
     "model.auxiliary_head": Rule("mapping", nullable=True),
     "model.sync_bn": Rule("bool", nullable=True),
+    "data.type": Rule("name"),
     "data.root": Rule("str", nullable=True),
     "data.crop_size": Rule("list", length=2, item=_POS_INT),
     "data.mean": Rule("list", length=3, item=_NUM),
@@ -623,7 +626,10 @@ def from_dict(
     """
     task = data.get("task", DEFAULTS["task"])
     if not isinstance(task, str):
-        raise _fail("task", RULES["task"], task, f"{source}: ")
+        from .tasks import available_tasks
+
+        raise ConfigError(f"{source}: 'task' must be one of {', '.join(available_tasks())}, "
+                          f"got {_type_name(task)} {task!r}")
     defaults = defaults_for(task)
     _check(data, defaults, source=source)
     cfg = merge(defaults, data)
@@ -642,6 +648,7 @@ def from_dict(
     _check(cfg, defaults, source=origin, rules=rules)
     written_all = (set(written) if written is not None else _written_keys(data)) | set_keys
     inherited = inherited if inherited is not None else {}
+    _check_model_type(cfg, origin)
     _check_heads(cfg, inherited, written_all, origin)
     _check_sections(cfg, origin)
     out = _wrap(cfg)
@@ -673,6 +680,17 @@ def _validate_task(task: str, cfg: Config, droppable: set[str], source: Callable
             droppable.discard(e.key)
             section, _, key = e.key.rpartition(".")
             del _get(cfg, section)[key]
+
+
+def _check_model_type(cfg: Mapping[str, Any], source: Callable[[str], str]) -> None:
+    """``model.type`` names a registered model builder (the task's own, e.g. depth's, registered on import)."""
+    from .registry import MODELS
+
+    name = cfg["model"]["type"]
+    if name not in MODELS:
+        known = MODELS.names()
+        raise ConfigError(f"{source('model.type')}: unknown model.type '{name}'{did_you_mean(str(name), known)}; "
+                          f"available: {', '.join(known)}")
 
 
 def _check_sections(cfg: Mapping[str, Any], source: Callable[[str], str]) -> None:

@@ -111,6 +111,14 @@ def test_a_choice_of_the_wrong_type_lists_the_choices(user_dir, task, setting, c
     fails(user_dir, ["train", "--task", task, "--set", setting], f"'{key}' must be one of {choices}")
 
 
+@pytest.mark.parametrize("setting, fragments", [
+    ("model.type=true", ["unknown model.type 'True'", "available: encoder_decoder, smp"]),
+    ("data.type=1", ["unknown data.type '1'", "available: synthetic, ade20k, voc, cityscapes"]),
+])
+def test_a_name_of_the_wrong_type_lists_the_names(user_dir, setting, fragments):
+    fails(user_dir, ["train", "--set", setting], *fragments)
+
+
 def test_switching_the_dataset_with_set_drops_the_old_datasets_keys(user_dir):
     """The synthetic base's ``data.kwargs`` (num_train, ...) do not follow a ``--set data.type=ade20k``:
     the ADE20K tree trains; a key the user writes for the new type is still checked."""
