@@ -493,8 +493,9 @@ def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Calla
         switched = base.get("type") is not None and spec.get("type") != base.get("type")
         try:
             accepted = head_arguments(section, spec)
-        except ConfigError as e:
-            raise ConfigError(f"{source(section + '.type')}: {e}") from None
+        except ConfigError as e:  # an unknown type or predictor: name where that key came from
+            key = "predictor" if f"{section}.predictor" in str(e) else "type"
+            raise ConfigError(f"{source(f'{section}.{key}')}: {e}") from None
         choices = _head_choices(section, spec)
         kind = f"{section}.type '{spec.get('type')}'"
         for key in list(spec):

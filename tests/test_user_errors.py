@@ -66,6 +66,8 @@ def fails(user_dir, args, *fragments, ignore=()):
     pytest.param(["train", "--set", "data.type=kitti"], ["data.type", "'kitti'", "synthetic"], id="unknown-dataset"),
     pytest.param(["calibrate", "--set", "model.decode_head.type=psph"], ["model.decode_head.type", "'psph'",
                                                                          "did you mean 'psp'"], id="unknown-head"),
+    pytest.param(["train", "--set", "model.decode_head.predictor=clsseg"],
+                 ["--set model.decode_head.predictor=clsseg", "did you mean 'cls_seg'"], id="unknown-predictor"),
     pytest.param(["train", "--set", "train.itres=3"], ["did you mean 'train.iters'"], id="unknown-key"),
     pytest.param(["train", "--set", "nonexistent.key=1"], ["no config key 'nonexistent'"], id="set-missing-key"),
     pytest.param(["train", "--set", "train.iters=abc"], ["'train.iters' must be int", "'abc'"], id="wrong-type"),
