@@ -108,27 +108,35 @@ def build_on_meta(cfg: Any) -> None:
         build_scheduler(build_optimizer(model, cfg["optim"]), cfg["schedule"], cfg["train"]["iters"])
 
 
-def check_work_dir(path: Path) -> None:
-    """A run directory can be created and written: probe the directory (or its nearest existing parent)
-    with a temporary file, so a read-only or impossible ``--work-dir`` is one error line before any work."""
+def check_writable(directory: Path, label: Optional[str] = None) -> None:
+    """``directory`` can be created and written: probe it (or its nearest existing parent) with a temporary
+    file, so a read-only or impossible output place is one error line, naming ``label`` (default ``work dir
+    <directory>``), before any work."""
     import os
     import tempfile
 
-    target = Path(path)
+    target = Path(directory)
     existing = target
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
+    if label is None and existing == target and not target.is_dir():
+        raise DensefuseError(f"work dir {target} is a file")
+    label = label or f"work dir {target}"
     if not existing.is_dir():
-        if existing == target:
-            raise DensefuseError(f"work dir {target} is a file")
-        raise DensefuseError(f"cannot create work dir {target}: {existing} is not a directory")
+        raise DensefuseError(f"cannot create {label}: {existing} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(prefix=".densefuse-probe-", dir=existing)
     except OSError as e:
         where = "" if existing == target else f" ({existing})"
-        raise DensefuseError(f"work dir {target} is not writable{where}: {e.strerror or e}") from None
+        raise DensefuseError(f"{label} is not writable{where}: {e.strerror or e}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def check_out_file(path: str) -> None:
+    """An ``--out`` file: not there yet (never overwritten), and its folder can be created and written."""
+    _refuse_overwrite(path)
+    check_writable(Path(path).parent, f"--out {path}")
 
 
 def _resolve_device(name: str, check_only: bool = False) -> Any:
@@ -206,7 +214,7 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
 
     _preflight(cfg)
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
-    on_main(lambda: check_work_dir(trainer.work_dir))
+    on_main(lambda: check_writable(trainer.work_dir))
     if is_main():  # under torchrun every rank runs this command; one of them speaks
         click.echo(f"work dir: {trainer.work_dir}")
     metrics = trainer.run()
@@ -237,7 +245,7 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     from .engine import evaluate_full
 
     if out:
-        _refuse_overwrite(out)
+        check_out_file(out)
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
@@ -323,7 +331,7 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
 
     cfg = _load(config, overrides, task)
     path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
-    _refuse_overwrite(str(path))
+    check_out_file(str(path))
     _check_num_images(num_images)
     task_obj, model, batches, n = _model_and_data(cfg, num_images)
     table = calibrate(model, lambda: batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
@@ -354,6 +362,7 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
     for name in ("inspect.csv", "inspect.png"):
         _refuse_overwrite(str(out_dir / name))
+    check_writable(out_dir, f"--out {out_dir}")
     _check_num_images(num_images)
     task_obj, model, batches, n = _model_and_data(cfg, num_images)
     if checkpoint:
@@ -440,6 +449,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
 
     paths = _image_paths(inputs)
     stems = output_stems(paths)
+    check_writable(Path(out_dir), f"--out {out_dir}")
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     model.eval()
     out = Path(out_dir)
@@ -524,7 +534,7 @@ def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[
     for cfg in cfgs:
         _preflight(cfg)
     if work_dir is not None:
-        check_work_dir(Path(work_dir))
+        check_writable(Path(work_dir))
     runs, summary = compare(cfgs, mode_list, seed_list, Path(work_dir) if work_dir else None,
                             keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo, metrics=metric_list)
     click.echo(_markdown(runs))

@@ -243,6 +243,19 @@ def test_compare_work_dir_below_a_file(user_dir):
     fails(user_dir, ["compare", "--seeds", "0", "--work-dir", "afile/cmp", *SMALL], "cannot create work dir afile/cmp")
 
 
+@pytest.mark.parametrize("args", [
+    ["calibrate", "--num-images", "2", "--out", "afile/c.csv", *SMALL],
+    ["inspect", "--num-images", "2", "--out", "afile/insp", *SMALL],
+    ["eval", "--checkpoint", "missing.pth", "--out", "afile/e.csv"],
+    ["predict", "img.png", "--checkpoint", "missing.pth", "--out", "afile/pred"],
+], ids=["calibrate", "inspect", "eval", "predict"])
+def test_out_below_a_file_is_refused_before_any_work(user_dir, args):
+    (user_dir / "afile").write_text("x")
+    _write_image(user_dir / "img.png", (32, 32))
+    out = args[args.index("--out") + 1]
+    fails(user_dir, args, f"cannot create --out {out}: afile is not a directory")
+
+
 def test_read_only_work_dir(user_dir, monkeypatch):
     """The write probe's failure is one line naming the work dir (tests run as root, who may write into a
     read-only folder, so the probe's PermissionError is what a user without write access gets)."""
