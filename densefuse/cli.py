@@ -76,7 +76,7 @@ def _without_pretrained(cfg: Any) -> Any:
 
 def _preflight(cfg: Any) -> None:
     """Everything a training run builds from the config before its first step, built once without
-    touching the disk (datasets index their files; the model, optimizer and schedule are built on the
+    writing anything (datasets index their files; the model, optimizer and schedule are built on the
     ``meta`` device, loading the pretrained file), so each user error surfaces before the run directory
     exists. Errors of densefuse's own code are left to the real build, which shows their traceback."""
     from .tasks import get_task
