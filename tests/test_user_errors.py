@@ -114,7 +114,7 @@ def test_a_choice_of_the_wrong_type_lists_the_choices(user_dir, task, setting, c
 
 
 @pytest.mark.parametrize("setting, fragments", [
-    ("model.type=true", ["unknown model.type 'True'", "available: encoder_decoder, smp"]),
+    ("model.type=true", ["unknown model.type 'True'", "available: encoder_decoder"]),
     ("data.type=1", ["unknown data.type '1'", "available: synthetic, ade20k, voc, cityscapes"]),
 ])
 def test_a_name_of_the_wrong_type_lists_the_names(user_dir, setting, fragments):
