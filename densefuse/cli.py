@@ -37,8 +37,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str] = None) -> Any:
-    """The resolved config, with every key, type and value checked before any work starts."""
+def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str] = None, weights: bool = True) -> Any:
+    """The resolved config, with every key, type and value checked before any work starts (``weights``:
+    also the pretrained file; commands that load a checkpoint do not need it)."""
     from .config import load_config
     from .tasks import get_task
 
@@ -46,16 +47,96 @@ def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str]
     cfg = load_config(config, overrides, task_default=default)
     if task is not None and config is not None and cfg["task"] != task:
         raise DensefuseError(f"--task {task} but the config is for task '{cfg['task']}'")
-    _validate(cfg)
+    _validate(cfg, weights)
     return cfg
 
 
-def _validate(cfg: Any) -> None:
-    """Value checks shared by every command: the device name and the task's own checks."""
+def _validate(cfg: Any, weights: bool = True) -> None:
+    """Value checks shared by every command: the device name, the task's own checks and (``weights``)
+    the pretrained file ``model.encoder.pretrained`` names."""
+    from .encoders import check_pretrained
     from .tasks import get_task
 
     _resolve_device(cfg["device"], check_only=True)
     get_task(cfg["task"], cfg).validate_config(cfg)
+    model = cfg["model"]
+    if weights and model["type"] != "smp":
+        check_pretrained(model["encoder"]["pretrained"], model["encoder"]["name"])
+
+
+def _without_pretrained(cfg: Any) -> Any:
+    """``cfg`` with ``model.encoder.pretrained: null``: a model whose weights all come from a checkpoint
+    does not need (or read) the ImageNet file it was initialized from."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out["model"]["encoder"]["pretrained"] = None
+    return out
+
+
+def _preflight(cfg: Any) -> None:
+    """Everything a training run builds from the config before its first step, built once without
+    writing anything (datasets index their files; the model, optimizer and schedule are built on the
+    ``meta`` device, loading the pretrained file), so each user error surfaces before the run directory
+    exists. Errors of densefuse's own code are left to the real build, which shows their traceback."""
+    from .tasks import get_task
+
+    task = get_task(cfg["task"], cfg)
+    for split in dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"])):
+        task.build_dataset(cfg, split)
+    try:
+        build_on_meta(cfg)
+    except DensefuseError:
+        raise
+    except Exception:  # noqa: BLE001, S110 - not the user's: the real build raises it with its traceback
+        pass
+
+
+def build_on_meta(cfg: Any) -> None:
+    """Build the model (loading its pretrained file), optimizer and schedule of ``cfg`` on PyTorch's ``meta``
+    device: every check their builders make, at no cost in memory or initialization time."""
+    import warnings
+
+    import torch
+
+    from .engine.optim import build_optimizer, build_scheduler
+    from .tasks import get_task
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # loading weights into meta tensors is a no-op, and says so
+        model = get_task(cfg["task"], cfg).build_model(cfg)
+        build_scheduler(build_optimizer(model, cfg["optim"]), cfg["schedule"], cfg["train"]["iters"])
+
+
+def check_writable(directory: Path, label: Optional[str] = None) -> None:
+    """``directory`` can be created and written: probe it (or its nearest existing parent) with a temporary
+    file, so a read-only or impossible output place is one error line, naming ``label`` (default ``work dir
+    <directory>``), before any work."""
+    import os
+    import tempfile
+
+    target = Path(directory)
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if label is None and existing == target and not target.is_dir():
+        raise DensefuseError(f"work dir {target} is a file")
+    label = label or f"work dir {target}"
+    if not existing.is_dir():
+        raise DensefuseError(f"cannot create {label}: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".densefuse-probe-", dir=existing)
+    except OSError as e:
+        where = "" if existing == target else f" ({existing})"
+        raise DensefuseError(f"{label} is not writable{where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_out_file(path: str) -> None:
+    """An ``--out`` file: not there yet (never overwritten), and its folder can be created and written."""
+    _refuse_overwrite(path)
+    check_writable(Path(path).parent, f"--out {path}")
 
 
 def _resolve_device(name: str, check_only: bool = False) -> Any:
@@ -93,12 +174,12 @@ def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[s
         if "config" not in state:
             raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
         cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
-        _validate(cfg)
+        _validate(cfg, weights=False)
     else:
-        cfg = _load(config, overrides)
+        cfg = _load(config, overrides, weights=False)
     task = get_task(cfg["task"], cfg)
     device = _resolve_device(cfg["device"])
-    model = task.build_model(cfg).to(device)
+    model = task.build_model(_without_pretrained(cfg)).to(device)
     load_model_state(model, state, checkpoint)
     return cfg, task, model, device
 
@@ -129,9 +210,11 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
     cfg = _load(config, overrides, task)
     if resume and work_dir is None:
         raise DensefuseError("--resume needs --work-dir")
-    from .engine.distributed import is_main
+    from .engine.distributed import is_main, on_main
 
+    _preflight(cfg)
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
+    on_main(lambda: check_writable(trainer.work_dir))
     if is_main():  # under torchrun every rank runs this command; one of them speaks
         click.echo(f"work dir: {trainer.work_dir}")
     metrics = trainer.run()
@@ -162,7 +245,7 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     from .engine import evaluate_full
 
     if out:
-        _refuse_overwrite(out)
+        check_out_file(out)
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
@@ -248,7 +331,7 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
 
     cfg = _load(config, overrides, task)
     path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
-    _refuse_overwrite(str(path))
+    check_out_file(str(path))
     _check_num_images(num_images)
     task_obj, model, batches, n = _model_and_data(cfg, num_images)
     table = calibrate(model, lambda: batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
@@ -273,10 +356,13 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     from .equalizer import calibrate, equalizers, measure
     from .report import plot_inspection
 
-    cfg = _load(config, overrides, task)
+    cfg = _load(config, overrides, task, weights=checkpoint is None)
+    if checkpoint:
+        cfg = _without_pretrained(cfg)
     out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
     for name in ("inspect.csv", "inspect.png"):
         _refuse_overwrite(str(out_dir / name))
+    check_writable(out_dir, f"--out {out_dir}")
     _check_num_images(num_images)
     task_obj, model, batches, n = _model_and_data(cfg, num_images)
     if checkpoint:
@@ -363,6 +449,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
 
     paths = _image_paths(inputs)
     stems = output_stems(paths)
+    check_writable(Path(out_dir), f"--out {out_dir}")
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     model.eval()
     out = Path(out_dir)
@@ -444,6 +531,10 @@ def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[
     mode_list, seed_list = _csv_list(modes, str, "--modes"), _csv_list(seeds, int, "--seeds")
     metric_list = metrics if metrics in (None, "all") else _csv_list(metrics, str, "--metrics")
     cfgs = [_load(c, overrides, task) for c in _config_list(configs)]
+    for cfg in cfgs:
+        _preflight(cfg)
+    if work_dir is not None:
+        check_writable(Path(work_dir))
     runs, summary = compare(cfgs, mode_list, seed_list, Path(work_dir) if work_dir else None,
                             keep_checkpoints=keep_checkpoints, progress=progress, log=click.echo, metrics=metric_list)
     click.echo(_markdown(runs))

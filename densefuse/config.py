@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, UnknownKeyError, did_you_mean
 
 PathLike = Union[str, Path]
 
@@ -257,7 +257,7 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
 class Rule:
     """What one config value may be: a kind, optional null, bounds, choices, a pattern, list shape."""
 
-    kind: str  # "int" | "number" | "str" | "bool" | "list" | "mapping" | "any"
+    kind: str  # "int" | "number" | "str" | "bool" | "list" | "mapping" | "name" | "any"
     nullable: bool = False
     min: Optional[float] = None  # inclusive lower bound
     gt: Optional[float] = None  # exclusive lower bound
@@ -266,11 +266,14 @@ class Rule:
     pattern: Optional[str] = None
     length: Optional[int] = None  # for lists
     item: Optional["Rule"] = None  # rule of every list item
+    ignore_case: bool = False  # string choices compared case-insensitively (``AdamW`` is ``adamw``)
 
     def ok(self, value: Any) -> bool:
         if value is None:
             return self.nullable
         if self.choices is not None:
+            if self.ignore_case and isinstance(value, str):
+                return value.lower() in self.choices
             return value in self.choices and (self.kind != "int" or isinstance(value, int))
         if not _KIND_OK[self.kind](value):
             return False
@@ -294,7 +297,7 @@ class Rule:
             text = f"a list of {n}{first}s" + (f" {rest}" if rest else "")
         else:
             text = {"int": "int", "number": "number", "str": "str", "bool": "bool", "mapping": "mapping",
-                    "any": "any value"}[self.kind]
+                    "name": "a name", "any": "any value"}[self.kind]
             if self.pattern is not None:
                 text = self.pattern_text or text
             bounds = [f">= {_num(self.min)}" if self.min is not None else "",
@@ -323,6 +326,8 @@ _KIND_OK = {
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, (list, tuple)),
     "mapping": lambda v: isinstance(v, Mapping),
+    # a registry or dataset name: any scalar passes here, so the code that knows the names lists them
+    "name": lambda v: isinstance(v, (str, int, float, bool)),
     "any": lambda v: True,
 }
 
@@ -340,7 +345,7 @@ RULES: dict[str, Rule] = {
     "seed": Rule("int", min=0),
     "device": Rule("str", pattern=_DEVICE),
     "work_dir": Rule("str", nullable=True),
-    "model.type": Rule("str"),
+    "model.type": Rule("name"),
     "model.num_classes": _POS_INT,
     "model.equalizer.mode": Rule("str", choices=("off", "explicit", "fold")),
     "model.equalizer.eps": Rule("number", gt=0),
@@ -350,6 +355,7 @@ RULES: dict[str, Rule] = {
     "model.encoder.pretrained": Rule("str", nullable=True),
     "model.auxiliary_head": Rule("mapping", nullable=True),
     "model.sync_bn": Rule("bool", nullable=True),
+    "data.type": Rule("name"),
     "data.root": Rule("str", nullable=True),
     "data.crop_size": Rule("list", length=2, item=_POS_INT),
     "data.mean": Rule("list", length=3, item=_NUM),
@@ -371,6 +377,7 @@ RULES: dict[str, Rule] = {
     "train.accum_steps": _POS_INT,
     "train.keep_last": Rule("int", min=0),
     "train.dist_timeout": Rule("number", gt=0),
+    "optim.type": Rule("str", choices=("adamw", "sgd"), ignore_case=True),
     "optim.lr": Rule("number", gt=0),
     "optim.weight_decay": Rule("number", min=0),
     "optim.momentum": Rule("number", min=0),
@@ -381,6 +388,7 @@ RULES: dict[str, Rule] = {
     "optim.paramwise.bias_lr_mult": Rule("number", nullable=True, min=0),
     "optim.paramwise.dwconv_decay_mult": Rule("number", nullable=True, min=0),
     "optim.paramwise.layer_decay": Rule("mapping", nullable=True),
+    "schedule.type": Rule("str", choices=("poly", "constant")),
     "schedule.power": Rule("number", min=0),
     "schedule.min_lr": Rule("number", min=0),
     "schedule.warmup_iters": Rule("int", min=0),
@@ -422,9 +430,12 @@ def _fail(path: str, rule: Rule, value: Any, where: str, extra: str = "") -> Con
     return ConfigError(f"{where}'{path}' must be {rule.describe()}{extra}, got {_type_name(value)} {value!r}")
 
 
-def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str, Callable[[str], str]] = "") -> None:
-    """Unknown keys (with a hint) and every value against its :class:`Rule`. ``source`` names where a
-    value came from (a file, ``--set``), or maps a dotted key to that name."""
+def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str, Callable[[str], str]] = "",
+           rules: Optional[Mapping[str, Rule]] = None) -> None:
+    """Unknown keys (with a hint) and every value against its :class:`Rule` (``rules``, default
+    :data:`RULES`). ``source`` names where a value came from (a file, ``--set``), or maps a dotted key to
+    that name."""
+    rules = RULES if rules is None else rules
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         src = source(path) if callable(source) else source
@@ -432,13 +443,13 @@ def _check(cfg: Mapping, defaults: Mapping, prefix: str = "", source: Union[str,
         if key not in defaults:
             raise ConfigError(f"{where}unknown config key '{path}'{did_you_mean(key, defaults, prefix)}")
         default = defaults[key]
-        rule = RULES.get(path) or _rule_from_default(default)
+        rule = rules.get(path) or _rule_from_default(default)
         if not rule.ok(value):
             raise _fail(path, rule, value, where)
         if path in OPEN or value is None:
             continue
         if isinstance(default, Mapping):
-            _check(value, default, path + ".", source)
+            _check(value, default, path + ".", source, rules)
 
 
 # ------------------------------------------------------------------------------------------ heads
@@ -482,22 +493,25 @@ def _check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Calla
         switched = base.get("type") is not None and spec.get("type") != base.get("type")
         try:
             accepted = head_arguments(section, spec)
-        except ConfigError as e:
-            raise ConfigError(f"{source(section + '.type')}: {e}") from None
+        except ConfigError as e:  # an unknown type or predictor: name where that key came from
+            key = "predictor" if f"{section}.predictor" in str(e) else "type"
+            raise ConfigError(f"{source(f'{section}.{key}')}: {e}") from None
         choices = _head_choices(section, spec)
         kind = f"{section}.type '{spec.get('type')}'"
         for key in list(spec):
             path = f"{section}.{key}"
             ok = key in accepted and _fits(spec[key], accepted[key])
-            if ok and key in choices and spec[key] not in choices[key]:
-                raise ConfigError(f"{source(path)}: '{path}' must be one of {', '.join(choices[key])}, "
-                                  f"got {spec[key]!r}{did_you_mean(str(spec[key]), choices[key])}")
-            if ok:
+            bad_choice = key in accepted and key in choices and spec[key] not in choices[key]
+            if ok and not bad_choice:
                 continue
             if switched and path not in written and key in base:
                 del spec[key]
                 continue
             where = f"{source(path)}: "
+            if bad_choice:  # whatever its type: the choices say what to write
+                raise ConfigError(f"{where}'{path}' must be one of {', '.join(choices[key])}, "
+                                  f"got {_type_name(spec[key])} {spec[key]!r}"
+                                  f"{did_you_mean(str(spec[key]), choices[key])}")
             if key not in accepted:
                 hint = did_you_mean(key, accepted, section + ".")
                 names = ", ".join(k for k in accepted if k != "type")
@@ -588,6 +602,16 @@ def defaults_for(task: str) -> dict:
     return defaults
 
 
+def rules_for(task: str) -> dict[str, Rule]:
+    """:data:`RULES` plus the task's rules for its own section: a task class may declare
+    ``config_rules = {key: Rule}`` (keys inside its section, e.g. ``{"eval_crop": Rule("str",
+    choices=...)}``) so a wrong value of any type lists the choices."""
+    from .tasks import task_class
+
+    own = getattr(task_class(task), "config_rules", None) or {}
+    return {**RULES, **{f"{task}.{k}": r for k, r in own.items()}}
+
+
 def from_dict(
     data: Mapping[str, Any],
     overrides: Iterable[str] = (),
@@ -603,7 +627,10 @@ def from_dict(
     """
     task = data.get("task", DEFAULTS["task"])
     if not isinstance(task, str):
-        raise _fail("task", RULES["task"], task, f"{source}: ")
+        from .tasks import available_tasks
+
+        raise ConfigError(f"{source}: 'task' must be one of {', '.join(available_tasks())}, "
+                          f"got {_type_name(task)} {task!r}")
     defaults = defaults_for(task)
     _check(data, defaults, source=source)
     cfg = merge(defaults, data)
@@ -618,14 +645,53 @@ def from_dict(
                 return f"--set {k}={v}"
         return source
 
-    _check(cfg, defaults, source=origin)
+    rules = rules_for(task)
+    _check(cfg, defaults, source=origin, rules=rules)
     written_all = (set(written) if written is not None else _written_keys(data)) | set_keys
-    _check_heads(cfg, inherited if inherited is not None else {}, written_all, origin)
+    inherited = inherited if inherited is not None else {}
+    _check_model_type(cfg, origin)
+    _check_heads(cfg, inherited, written_all, origin)
     _check_sections(cfg, origin)
     out = _wrap(cfg)
-    task_class_ = _task_class(task)
-    task_class_(out).validate_config(out)
+    _validate_task(task, out, _switched_dataset_keys(cfg, inherited, written_all), origin)
     return out
+
+
+def _switched_dataset_keys(cfg: Mapping[str, Any], inherited: Mapping[str, Any], written: set[str]) -> set[str]:
+    """``data.kwargs`` keys a ``_base_`` file gave for another ``data.type`` than the config's (a switch by
+    the top file or ``--set``) and that the user did not write: the task may drop them."""
+    base = _get(inherited, "data") or {}
+    if base.get("type") is None or base.get("type") == cfg["data"]["type"]:
+        return set()
+    given = cfg["data"].get("kwargs") or {}
+    return {f"data.kwargs.{k}" for k in (base.get("kwargs") or {}) if k in given and f"data.kwargs.{k}" not in written}
+
+
+def _validate_task(task: str, cfg: Config, droppable: set[str], source: Callable[[str], str]) -> None:
+    """The task's own checks (``Task.validate_config``). A key it does not accept is dropped when it is
+    in ``droppable`` (inherited for another dataset type), else the error names where the key came from."""
+    droppable = set(droppable)
+    while True:
+        try:
+            _task_class(task)(cfg).validate_config(cfg)
+            return
+        except UnknownKeyError as e:
+            if e.key not in droppable:
+                raise UnknownKeyError(f"{source(e.key)}: {e}", e.key) from None
+            droppable.discard(e.key)
+            section, _, key = e.key.rpartition(".")
+            del _get(cfg, section)[key]
+
+
+def _check_model_type(cfg: Mapping[str, Any], source: Callable[[str], str]) -> None:
+    """``model.type`` names a registered model builder (the task's own, e.g. depth's, registered on import)."""
+    from .registry import MODELS
+
+    name = cfg["model"]["type"]
+    if name not in MODELS:
+        known = MODELS.names()
+        raise ConfigError(f"{source('model.type')}: unknown model.type '{name}'{did_you_mean(str(name), known)}; "
+                          f"available: {', '.join(known)}")
 
 
 def _check_sections(cfg: Mapping[str, Any], source: Callable[[str], str]) -> None:
@@ -647,12 +713,15 @@ def _task_class(name: str) -> Any:
     return task_class(name)
 
 
-def check_kwargs(section: str, kwargs: Mapping[str, Any], accepted: Iterable[str]) -> None:
-    """Raise a :class:`ConfigError` naming ``section.key`` for every key a builder does not accept."""
+def check_kwargs(section: str, kwargs: Mapping[str, Any], accepted: Iterable[str], owner: str = "") -> None:
+    """Raise an :class:`~densefuse.errors.UnknownKeyError` naming ``section.key`` for the first key a builder
+    does not accept. ``owner`` (e.g. ``"data.type 'ade20k'"``) adds what reads the section and the keys it takes."""
     accepted = list(accepted)
     for k in kwargs:
         if k not in accepted:
-            raise ConfigError(f"unknown config key '{section}.{k}'{did_you_mean(k, accepted, section + '.')}")
+            hint = did_you_mean(k, accepted, section + ".")
+            takes = f" for {owner}{hint}; it takes: {', '.join(accepted) or 'none'}" if owner else hint
+            raise UnknownKeyError(f"unknown config key '{section}.{k}'{takes}", f"{section}.{k}")
 
 
 def dump(cfg: Mapping, path: PathLike) -> None:

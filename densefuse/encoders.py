@@ -116,6 +116,81 @@ def _missing_cache_message(timm_name: str) -> str:
             f"(timm, or mmseg/mmpretrain format: it is converted)")
 
 
+PRETRAINED_KEY = "model.encoder.pretrained"
+
+
+def check_pretrained(pretrained: Union[str, bool, None], name: str) -> Optional[Path]:
+    """The weights file ``model.encoder.pretrained`` names for encoder ``name``, checked without building
+    anything: it exists, is a file, and reads as a weights-only checkpoint (``.safetensors``: its header;
+    else ``torch.load(weights_only=True)``, memory-mapped so a large file costs little). ``True``: the
+    file in timm's local cache. ``None``/``False``: no file. Any problem is one :class:`ConfigError`
+    naming the file and the key; nothing in a malicious file runs."""
+    if pretrained is None or pretrained is False:
+        return None
+    if pretrained is True:
+        import timm
+
+        spec = PAPER_ENCODERS.get(name)
+        timm_name = spec.timm_name if spec else name
+        if not timm.is_model(timm_name):
+            return None  # the encoder's own check names the unknown encoder
+        hit = timm_cache_file(timm_name)
+        if hit is None:
+            raise ConfigError(_missing_cache_message(timm_name))
+        return hit
+    path = Path(str(pretrained)).expanduser()
+    if not path.exists():
+        raise ConfigError(_missing_file_message(str(pretrained)))
+    if not path.is_file():
+        raise ConfigError(f"pretrained weights {pretrained} ({PRETRAINED_KEY}) is not a file")
+    try:
+        _read_weights(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read pretrained weights {pretrained} ({PRETRAINED_KEY}): {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file: one clear line
+        raise ConfigError(f"cannot load weights from {pretrained} ({PRETRAINED_KEY}): not a weights-only "
+                          f"PyTorch/safetensors checkpoint ({type(e).__name__}: {_reason(e)})") from None
+    return path
+
+
+def _reason(error: Exception) -> str:
+    """The part of a load error that names what is wrong with the file (torch's weights-only refusal
+    first explains its defaults and how to load unsafely, which is not advice for a file we refuse)."""
+    import re
+
+    text = str(error).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = found.group(1) if found else (text.splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].strip()[:200]
+
+
+def _read_weights(path: Path) -> None:
+    """Read ``path`` as weights (safetensors header, or a weights-only ``torch.load``); raise on anything else."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return
+    try:  # zip-format checkpoints (torch >= 1.6) map lazily; legacy ones cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"it holds a {type(obj).__name__}, not a mapping of names to tensors")
+
+
+def _missing_file_message(pretrained: str) -> str:
+    return (f"pretrained weights not found: {pretrained} ({PRETRAINED_KEY}): download it "
+            f"(the paper configs' files are listed in docs/paper.md, 'Pretrained weights'), or give "
+            f"another local .pth/.safetensors file (timm, mmseg or mmpretrain format), `true` for "
+            f"timm's weights in the local cache, or null")
+
+
 class TimmEncoder(nn.Module):
     """A timm backbone as a list of NCHW features.
 
@@ -211,10 +286,7 @@ class TimmEncoder(nn.Module):
             return hit
         path = Path(str(pretrained)).expanduser()
         if not path.is_file():
-            raise ConfigError(f"pretrained weights not found: {pretrained} (model.encoder.pretrained): download it "
-                              f"(the paper configs' files are listed in docs/paper.md, 'Pretrained weights'), or give "
-                              f"another local .pth/.safetensors file (timm, mmseg or mmpretrain format), `true` for "
-                              f"timm's weights in the local cache, or null")
+            raise ConfigError(_missing_file_message(str(pretrained)))
         return path
 
     def forward(self, x: Tensor) -> list[Tensor]:

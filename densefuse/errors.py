@@ -18,6 +18,15 @@ class ConfigError(DensefuseError):
     """A config file, key or value is wrong."""
 
 
+class UnknownKeyError(ConfigError):
+    """A config key the code reading its section does not accept; ``key`` is its dotted name. Config
+    loading uses it to drop keys inherited from a ``_base_`` file for another dataset type."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class DataError(DensefuseError):
     """A dataset file is missing, unreadable or has invalid content."""
 

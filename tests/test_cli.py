@@ -88,6 +88,32 @@ def test_eval_prints_the_summary_and_writes_tables(trained, tmp_path):
     assert r.exit_code == 0 and f"{last['mIoU']:.2f}" in r.output
 
 
+def test_eval_does_not_need_the_pretrained_file_of_the_checkpoint(trained, tmp_path):
+    """Every weight comes from the checkpoint: an ImageNet file named in its config but absent here is not read."""
+    wd, _ = trained
+    state = torch.load(wd / "final.pth", weights_only=True)
+    state["config"]["model"]["encoder"]["pretrained"] = str(tmp_path / "gone.pth")
+    torch.save(state, tmp_path / "moved.pth")
+    r = cli("eval", "--checkpoint", tmp_path / "moved.pth")
+    assert r.exit_code == 0, r.output
+    assert f"{pd.read_csv(wd / 'metrics.csv').iloc[-1]['mIoU']:.2f}" in r.output
+
+
+@pytest.mark.parametrize("config", [
+    "seg/synthetic_upernet_r18", "seg/synthetic_smp_upernet_r18", "depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192",
+    "depth/gedepth-adaptive_swin-l_8xb2-76.8k_kitti-352x704", "seg/paper/upernet_swin-t_4xb4-160k_ade20k-512x512",
+    "seg/paper/upernet_convnext-t_4xb4-160k_ade20k-512x512", "seg/paper/upernet_twins-svt-s_4xb4-160k_ade20k-512x512",
+    "seg/paper/deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512", "seg/paper/pspnet_r50-d8_4xb4-160k_ade20k-512x512",
+])
+def test_shipped_configs_build_on_the_meta_device(config):
+    """``densefuse train`` checks the model, optimizer and schedule on the meta device before the run dir
+    exists; errors that are not the user's are left to the real build, so every shipped kind must build."""
+    from densefuse.cli import build_on_meta
+    from densefuse.config import load_config
+
+    build_on_meta(load_config(config, ["model.encoder.pretrained=null"]))
+
+
 def test_work_dir_is_never_overwritten(trained):
     wd, _ = trained
     before = snapshot(wd)

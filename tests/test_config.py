@@ -192,7 +192,7 @@ def test_keys_the_user_wrote_are_never_dropped(tmp_path):
 
 def test_head_values_checked_at_load():
     with pytest.raises(ConfigError, match=r"'model.decode_head.branch' must be one of conv_bn_relu_up, "
-                                          r"conv_relu_up_bn, conv_relu_up_gn, conv_relu_up_ln, got 'conv_relu_up_bm'"):
+                                          r"conv_relu_up_bn, conv_relu_up_gn, conv_relu_up_ln, got str 'conv_relu_up_bm'"):
         densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.branch=conv_relu_up_bm"])
     with pytest.raises(ConfigError, match=r"unknown model.decode_head.predictor 'clsseg' \(did you mean 'cls_seg'"):
         densefuse.load_config("seg/synthetic_upernet_r18", ["model.decode_head.predictor=clsseg"])
@@ -252,3 +252,49 @@ def test_find_config_adds_yaml_to_names_with_dots(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert find_config("depth/gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704").resolve() == f.resolve()
     assert find_config(str(f)) == f
+
+
+def test_a_file_switching_the_dataset_drops_the_bases_dataset_keys(tmp_path):
+    """The top file (like --set) switching data.type drops the base's data.kwargs for the old dataset; its
+    own data.kwargs are checked against the new dataset."""
+    base = find_config("seg/synthetic_upernet_r18").resolve()
+    _write(tmp_path / "ade.yaml", {"_base_": [str(base)], "model": {"num_classes": 150},
+                                   "data": {"type": "ade20k", "root": "ade", "kwargs": {"reduce_zero_label": False}}})
+    cfg = densefuse.load_config(tmp_path / "ade.yaml")
+    assert dict(cfg.data.kwargs) == {"reduce_zero_label": False}
+    _write(tmp_path / "bad.yaml", {"_base_": [str(base)], "model": {"num_classes": 150},
+                                   "data": {"type": "ade20k", "root": "ade", "kwargs": {"size": [32, 32]}}})
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'data.kwargs.size' for data.type 'ade20k'; "
+                                          r"it takes: reduce_zero_label"):
+        densefuse.load_config(tmp_path / "bad.yaml")
+    # without a switch every key counts: the synthetic dataset's own kwargs are checked as before
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.kwargs.reduce_zero_label' for data.type 'synthetic'"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["data.kwargs.reduce_zero_label=true"])
+
+
+def test_an_embedded_config_keeps_every_key(default_cfg):
+    """A checkpoint's config has no _base_ layers: nothing counts as inherited, so nothing is dropped."""
+    from densefuse.config import from_dict
+
+    data = default_cfg.to_dict()
+    data["data"]["type"] = "ade20k"
+    data["data"]["root"] = "ade"
+    data["model"]["num_classes"] = 150
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.kwargs.num_train' for data.type 'ade20k'"):
+        from_dict(data)
+
+
+def test_task_rules_list_choices_for_any_type():
+    from densefuse.config import Rule, rules_for
+
+    rules = rules_for("depth")
+    assert rules["depth.eval_crop"] == Rule("str", choices=("garg", "eigen", "none"))
+    assert "train.amp" in rules and not any(k.startswith("seg.") for k in rules_for("seg"))
+    with pytest.raises(ConfigError, match=r"'depth.eval_crop' must be one of garg, eigen, none, got int 3"):
+        densefuse.load_config("depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192", ["depth.eval_crop=3"])
+
+
+def test_optim_type_is_a_choice_in_any_letter_case():
+    assert densefuse.load_config("seg/synthetic_upernet_r18", ["optim.type=AdamW"]).optim.type == "AdamW"
+    with pytest.raises(ConfigError, match=r"'optim.type' must be one of adamw, sgd, got str 'adam'"):
+        densefuse.load_config("seg/synthetic_upernet_r18", ["optim.type=adam"])

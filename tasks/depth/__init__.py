@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from densefuse.config import check_kwargs
+from densefuse.config import Rule, check_kwargs
 from densefuse.data import Normalize
 from densefuse.errors import ConfigError, did_you_mean
 from densefuse.tasks import DenseKey, Task, unwrap_outputs
@@ -73,6 +73,13 @@ class DepthTask(Task):
         "predict_camera": None,  # {fx, fy, cx, cy, pitch}: ground embedding for images without one
     }
 
+    #: value rules of the ``depth`` section beyond "the type of the default" (densefuse.config.rules_for):
+    #: a wrong value of any type lists the choices
+    config_rules = {
+        "ground_embedding": Rule("str", choices=("vanilla", "adaptive", "none")),
+        "eval_crop": Rule("str", choices=("garg", "eigen", "none")),
+    }
+
     # ------------------------------------------------------------------ config
     def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
         cfg = self.cfg if cfg is None else cfg
@@ -109,7 +116,8 @@ class DepthTask(Task):
         if data["type"] not in DATASET_KWARGS:
             raise ConfigError(f"unknown data.type '{data['type']}' for the depth task"
                               f"{did_you_mean(str(data['type']), DATASET_KWARGS)}; available: {', '.join(DATASET_KWARGS)}")
-        check_kwargs("data.kwargs", dict(data.get("kwargs") or {}), DATASET_KWARGS[data["type"]])
+        check_kwargs("data.kwargs", dict(data.get("kwargs") or {}), DATASET_KWARGS[data["type"]],
+                     owner=f"data.type '{data['type']}'")
         if data["type"] == "kitti" and not data.get("root"):
             raise ConfigError("data.root must be set for data.type 'kitti' (the folder holding the raw and "
                               "ground-truth folders and the split files)")

@@ -33,6 +33,32 @@ DATASET_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def dataset_classes(data: Mapping[str, Any]) -> int:
+    """How many classes the dataset of ``cfg.data`` has, known without reading any file."""
+    kind = data["type"]
+    if kind == "synthetic":
+        return int((data.get("kwargs") or {}).get("num_classes", 6))
+    return len({"ade20k": ADE20K, "voc": PascalVOC, "cityscapes": Cityscapes}[kind].classes)
+
+
+def check_dataset_config(cfg: Mapping[str, Any]) -> None:
+    """``data.type``, its ``data.kwargs`` and ``data.root``, and ``eval.batch_size`` against ``data.pipeline``:
+    what a user wrote, checked at config load. (``model.num_classes`` against the dataset is checked when the
+    dataset is built, which ``densefuse train`` does before the run directory exists.)"""
+    data = cfg["data"]
+    kind = data["type"]
+    if kind not in DATASET_KWARGS:
+        raise ConfigError(f"unknown data.type '{kind}' for the seg task{did_you_mean(str(kind), DATASET_KWARGS)}; "
+                          f"available: {', '.join(DATASET_KWARGS)}")
+    check_kwargs("data.kwargs", dict(data.get("kwargs") or {}), DATASET_KWARGS[kind], owner=f"data.type '{kind}'")
+    if kind != "synthetic" and not data.get("root"):
+        raise ConfigError(f"data.root must be set for data.type '{kind}' (the dataset's folder in its official layout)")
+    batch = cfg.get("eval", {}).get("batch_size", 1)
+    if data.get("pipeline", "batch") == "mmseg" and batch > 1:
+        raise ConfigError(f"eval.batch_size={batch} with data.pipeline: mmseg: the test-time Resize keeps each "
+                          f"image's own size, so evaluation images do not stack into batches; use eval.batch_size=1")
+
+
 def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     """The dataset named by ``cfg.data.type`` for ``split`` with its per-sample transform.
 
@@ -44,11 +70,12 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     """
     data = cfg["data"]
     kind = data["type"]
-    if kind not in DATASET_KWARGS:
-        raise ConfigError(f"unknown data.type '{kind}'{did_you_mean(str(kind), DATASET_KWARGS)}; "
-                          f"available: {', '.join(DATASET_KWARGS)}")
+    check_dataset_config(cfg)
+    want, have = cfg["model"]["num_classes"], dataset_classes(data)
+    if want != have:
+        raise ConfigError(f"model.num_classes is {want} but the {kind} dataset has {have} classes; "
+                          f"set model.num_classes={have}")
     kwargs = dict(data.get("kwargs") or {})
-    check_kwargs("data.kwargs", kwargs, DATASET_KWARGS[kind])
     train = split == data["train_split"]
     crop = data["crop_size"]
     transform: Optional[Callable[[dict], dict]]
@@ -62,18 +89,12 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
         ds: Dataset = SyntheticSeg(n, kwargs.get("size", crop), kwargs.get("num_classes", 6),
                                    kwargs.get("seed", 0), split, transform)
     else:
-        if not data.get("root"):
-            raise ConfigError(f"data.root must be set for data.type '{kind}'")
         if kind == "ade20k":
             ds = ADE20K(data["root"], split, kwargs.get("reduce_zero_label", True), transform)
         elif kind == "voc":
             ds = PascalVOC(data["root"], split, transform)
         else:
             ds = Cityscapes(data["root"], split, transform)
-    want = cfg["model"]["num_classes"]
-    if ds.num_classes != want:  # type: ignore[attr-defined]
-        raise ConfigError(f"model.num_classes is {want} but the {kind} dataset has "
-                          f"{ds.num_classes} classes")  # type: ignore[attr-defined]
     return ds
 
 
@@ -114,6 +135,7 @@ class SegTask(Task):
         alpha = self._section(cfg)["overlay_alpha"]
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"seg.overlay_alpha must be in [0, 1], got {alpha}")
+        check_dataset_config(cfg)
 
     def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
         cfg = self.cfg if cfg is None else cfg
