@@ -446,6 +446,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
     import torch
 
     from .data.io import read_image
+    from .engine.evaluate import infer_outputs
 
     paths = _image_paths(inputs)
     stems = output_stems(paths)
@@ -465,7 +466,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
             for path, stem in zip(paths, stems):
                 image = read_image(path)
                 batch = transform(_to_device({"image": image[None]}, device))
-                prediction = task.predict(task.forward(model, batch))
+                prediction = task.predict(infer_outputs(model, task, batch))  # eval.mode and eval.tta as eval
                 (staging / stem).parent.mkdir(parents=True, exist_ok=True)
                 written += task.save_prediction(prediction[0].cpu(), staging / stem, image=image)
         targets = [out / p.relative_to(staging) for p in written]

@@ -59,6 +59,12 @@ def test_train_eval_predict_synthetic(tmp_path):
     depth = np.asarray(Image.open(tmp_path / "pred" / "frame.png"))
     assert depth.dtype == np.uint16 and depth.shape == (64, 128) and depth.max() > 0
     assert np.asarray(Image.open(tmp_path / "pred" / "frame_vis.png")).shape[-1] == 3
+    # predict evaluates as eval does: eval.tta.flip (GEDepth's flip TTA) reaches its output
+    res = run(["predict", str(src), "--checkpoint", str(wd / "final.pth"), "--out", str(tmp_path / "flip"),
+               "--set", "eval.tta.flip=true"])
+    assert res.exit_code == 0, res.output
+    flipped = np.asarray(Image.open(tmp_path / "flip" / "frame.png"))
+    assert flipped.shape == depth.shape and not np.array_equal(flipped, depth)
 
 
 def test_save_prediction_writes_kitti_png(tmp_path):

@@ -55,9 +55,10 @@ def evaluate_full(
 def infer_outputs(model: nn.Module, task: Task, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The task's outputs for ``batch`` under ``task.cfg["eval"]`` (see :func:`densefuse.inference.infer`).
 
-    Whole inference without TTA returns the task's own outputs unchanged (so tasks that do their own
-    test-time work, e.g. depth's ``flip_tta``, keep it); otherwise ``{"out": ...}`` from :func:`infer`, at
-    the label's size when the batch has a ``label`` whose size differs from the image's.
+    Whole inference without TTA returns the task's own outputs unchanged (every key, e.g. depth's slope
+    logits); otherwise ``{"out": ...}`` from :func:`infer` (merged by the task's ``merge_tta``), at the
+    label's size when the batch has a ``label`` whose size differs from the image's. ``densefuse eval``,
+    the trainer's validation and ``densefuse predict`` all call it.
     """
     eval_cfg = (task.cfg or {}).get("eval") or {}
     tta = eval_cfg.get("tta") or {}
