@@ -195,6 +195,12 @@ class TimmEncoder(nn.Module):
             raise ConfigError(f"model.encoder out_norm must be 'ln' or null, got {out_norm!r}")
         eps = spec.norm_eps if spec else 1e-5
         self.out_norms = OutputNorms(self.channels, eps) if out_norm == "ln" else None
+        # mmseg's Twins applies ``norm_after_stage`` inside the backbone: the normed map feeds the next stage
+        # (Swin's and ConvNeXt's output norms only touch the outputs). One norm per stage, as mmseg's norm_list.
+        self._inline_norms = self.out_norms is not None and self.family == "twins"
+        if self._inline_norms:
+            self.out_norms = OutputNorms(list(self.model.model.embed_dims), eps)
+        self._out_indices = out_indices
         if weights is not None:
             from .convert import load_encoder_weights
 
@@ -218,12 +224,33 @@ class TimmEncoder(nn.Module):
         return path
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if self._inline_norms:
+            return self._twins_forward(x)
         feats = self.model(x)
         if self._nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
         feats = list(feats)
         if self.out_norms is not None:
             feats = self.out_norms(feats)
+        return feats
+
+
+    def _twins_forward(self, x: Tensor) -> list[Tensor]:
+        """timm Twins' stages with mmseg's ``norm_after_stage``: each stage's map is normed before the next."""
+        net = self.model.model
+        take = {i % len(net.blocks) for i in self._out_indices}
+        feats = []
+        stages = zip(net.patch_embeds, net.pos_drops, net.blocks, net.pos_block, self.out_norms)
+        for i, (embed, drop, blocks, pos_block, norm) in enumerate(stages):
+            x, size = embed(x)
+            x = drop(x)
+            for j, block in enumerate(blocks):
+                x = block(x, size)
+                if j == 0:
+                    x = pos_block(x, size)  # the position encoding (PEG) after each stage's first block
+            x = norm(x.reshape(x.shape[0], *size, -1).permute(0, 3, 1, 2).contiguous())
+            if i in take:
+                feats.append(x)
         return feats
 
 
