@@ -270,10 +270,11 @@ def _swin_shift_mask(hp: int, wp: int, ws: int, shift: int, device: torch.device
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
-def _mmseg_swin_attn(block: nn.Module, x: Tensor) -> Tensor:
+def _mmseg_swin_attn(block: nn.Module, x: Tensor, masks: Optional[dict] = None) -> Tensor:
     """(Shifted) window attention of one timm Swin block the way mmseg's ``ShiftWindowMSA`` does it: pad the map
     to whole windows first, then roll by the block's shift (also when the map is no larger than a window, where
-    timm drops the shift), masking only across the rolled regions (padded tokens are attended to)."""
+    timm drops the shift), masking only across the rolled regions (padded tokens are attended to).
+    ``masks`` caches the shift masks by map size, device and dtype."""
     from timm.models.swin_transformer import window_partition, window_reverse
 
     b, h, w, c = x.shape
@@ -285,7 +286,12 @@ def _mmseg_swin_attn(block: nn.Module, x: Tensor) -> Tensor:
     mask = None
     if shift > 0:
         x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        mask = _swin_shift_mask(hp, wp, ws, shift, x.device).to(x.dtype)
+        key = (hp, wp, x.device, x.dtype)
+        mask = masks.get(key) if masks is not None else None
+        if mask is None:
+            mask = _swin_shift_mask(hp, wp, ws, shift, x.device).to(x.dtype)
+            if masks is not None:
+                masks[key] = mask
     windows = block.attn(window_partition(x, (ws, ws)).view(-1, ws * ws, c), mask=mask)
     x = window_reverse(windows.view(-1, ws, ws, c), (ws, ws), hp, wp)
     if shift > 0:
@@ -326,9 +332,13 @@ class _SwinBlockForward:
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
+        self.masks: dict = {}
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _mmseg_swin_attn(self.block, x)
+        return _mmseg_swin_attn(self.block, x, self.masks)
+
+    def __getstate__(self) -> dict:
+        return {"block": self.block, "masks": {}}
 
 
 def use_mmseg_windows(model: nn.Module, family: str) -> int:
