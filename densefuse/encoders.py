@@ -8,11 +8,14 @@ scale differs from mmseg's, which changes the very disequilibrium the equalizer 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -270,6 +273,14 @@ class TimmEncoder(nn.Module):
             raise ConfigError(f"model.encoder out_norm must be 'ln' or null, got {out_norm!r}")
         eps = spec.norm_eps if spec else 1e-5
         self.out_norms = OutputNorms(self.channels, eps) if out_norm == "ln" else None
+        if spec is not None and self.family in ("swin", "twins"):
+            use_mmseg_windows(self.model, self.family)
+        # mmseg's Twins applies ``norm_after_stage`` inside the backbone: the normed map feeds the next stage
+        # (Swin's and ConvNeXt's output norms only touch the outputs). One norm per stage, as mmseg's norm_list.
+        self._inline_norms = self.out_norms is not None and self.family == "twins"
+        if self._inline_norms:
+            self.out_norms = OutputNorms(list(self.model.model.embed_dims), eps)
+        self._out_indices = out_indices
         if weights is not None:
             from .convert import load_encoder_weights
 
@@ -290,6 +301,8 @@ class TimmEncoder(nn.Module):
         return path
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if self._inline_norms:
+            return self._twins_forward(x)
         feats = self.model(x)
         if self._nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
@@ -297,6 +310,127 @@ class TimmEncoder(nn.Module):
         if self.out_norms is not None:
             feats = self.out_norms(feats)
         return feats
+
+
+    def _twins_forward(self, x: Tensor) -> list[Tensor]:
+        """timm Twins' stages with mmseg's ``norm_after_stage``: each stage's map is normed before the next."""
+        net = self.model.model
+        take = {i % len(net.blocks) for i in self._out_indices}
+        feats = []
+        stages = zip(net.patch_embeds, net.pos_drops, net.blocks, net.pos_block, self.out_norms)
+        for i, (embed, drop, blocks, pos_block, norm) in enumerate(stages):
+            x, size = embed(x)
+            x = drop(x)
+            for j, block in enumerate(blocks):
+                x = block(x, size)
+                if j == 0:
+                    x = pos_block(x, size)  # the position encoding (PEG) after each stage's first block
+            x = norm(x.reshape(x.shape[0], *size, -1).permute(0, 3, 1, 2).contiguous())
+            if i in take:
+                feats.append(x)
+        return feats
+
+
+def _swin_shift_mask(hp: int, wp: int, ws: int, shift: int, device: torch.device) -> Tensor:
+    """mmseg's SW-MSA mask on the padded (hp, wp) map: (windows, ws*ws, ws*ws), -100 across shifted regions."""
+    region = torch.zeros((1, hp, wp, 1), device=device)
+    cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for i, (h, w) in enumerate((h, w) for h in cuts for w in cuts):
+        region[:, h, w, :] = i
+    windows = region.view(1, hp // ws, ws, wp // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def _mmseg_swin_attn(block: nn.Module, x: Tensor, masks: Optional[dict] = None) -> Tensor:
+    """(Shifted) window attention of one timm Swin block the way mmseg's ``ShiftWindowMSA`` does it: pad the map
+    to whole windows first, then roll by the block's shift (also when the map is no larger than a window, where
+    timm drops the shift), masking only across the rolled regions (padded tokens are attended to).
+    ``masks`` caches the shift masks by map size, device and dtype."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    b, h, w, c = x.shape
+    ws = block.attn.window_size[0]
+    shift = block.target_shift_size[0]
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    hp, wp = h + pad_b, w + pad_r
+    mask = None
+    if shift > 0:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        key = (hp, wp, x.device, x.dtype)
+        mask = masks.get(key) if masks is not None else None
+        if mask is None:
+            mask = _swin_shift_mask(hp, wp, ws, shift, x.device).to(x.dtype)
+            if masks is not None:
+                masks[key] = mask
+    windows = block.attn(window_partition(x, (ws, ws)).view(-1, ws * ws, c), mask=mask)
+    x = window_reverse(windows.view(-1, ws, ws, c), (ws, ws), hp, wp)
+    if shift > 0:
+        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
+def _mmseg_twins_lsa(attn: nn.Module, x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Locally-grouped attention of timm Twins the way mmseg's ``LSAEntity`` does it: the map is padded to whole
+    windows and padded tokens are masked (-1000) from real ones, but (mmseg's indexing) only when both the
+    bottom and the right need padding; with padding on one side only, nothing is masked, as in mmseg."""
+    b, n, c = x.shape
+    h, w = size
+    ws, heads = attn.ws, attn.num_heads
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    x = F.pad(x.view(b, h, w, c), (0, 0, 0, pad_r, 0, pad_b))
+    hp, wp = h + pad_b, w + pad_r
+    gh, gw = hp // ws, wp // ws
+    mask = None
+    if pad_b > 0 and pad_r > 0:
+        pad = torch.zeros((1, hp, wp), device=x.device, dtype=x.dtype)
+        pad[:, h:, :] = 1
+        pad[:, :, w:] = 1
+        pad = pad.reshape(1, gh, ws, gw, ws).transpose(2, 3).reshape(1, gh * gw, ws * ws)
+        diff = pad.unsqueeze(2) - pad.unsqueeze(3)
+        mask = diff.masked_fill(diff != 0, -1000.0).unsqueeze(2)  # (1, windows, 1, ws*ws, ws*ws)
+    x = x.reshape(b, gh, ws, gw, ws, c).transpose(2, 3)
+    qkv = attn.qkv(x).reshape(b, gh * gw, ws * ws, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv.unbind(0)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = x.transpose(2, 3).reshape(b, gh, gw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
+    x = x[:, :h, :w, :].reshape(b, n, c)
+    return attn.proj_drop(attn.proj(x))
+
+
+class _SwinBlockForward:
+    """Bound as a timm Swin block's ``_attn`` (picklable, unlike a lambda)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.masks: dict = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _mmseg_swin_attn(self.block, x, self.masks)
+
+    def __getstate__(self) -> dict:
+        return {"block": self.block, "masks": {}}
+
+
+def use_mmseg_windows(model: nn.Module, family: str) -> int:
+    """Switch timm Swin / Twins window attention to mmseg's border handling; returns how many modules changed.
+
+    Swin: pad to whole windows, then shift (timm shifts first and pads after, and drops the shift of a block
+    whose map fits in one window at the 224 pretraining size, i.e. every second block of the last stage).
+    Twins: mmseg's padding mask in the locally-grouped attention. Both matter at the paper's 512x512 crops
+    (maps of 128, 64, 32, 16 are no multiple of 7). Parameters and state_dict keys are unchanged.
+    """
+    changed = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if family == "swin" and name == "SwinTransformerBlock":
+            module._attn = _SwinBlockForward(module)
+            changed += 1
+        elif family == "twins" and name == "LocallyGroupedAttn":
+            module.forward = functools.partial(_mmseg_twins_lsa, module)
+            changed += 1
+    return changed
 
 
 def _num_levels(timm_name: str) -> int:

@@ -221,13 +221,22 @@ class ScaleEqualizer(nn.Module):
             y = (y - self.mean[index].to(y.dtype)) / self.std[index].to(y.dtype)
         self._add(1, index, y)
 
+    def _branches(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The branches of a concatenated (B, C, h, w) tensor; under :func:`densefuse.fusion.valid_pixels`
+        only their positions that lie wholly on real (unpadded) input pixels, each as (C_i, N)."""
+        from .fusion import _on_valid  # fusion imports this module: import when first needed
+
+        kept = _on_valid(x)
+        return torch.split(kept, self.groups, dim=1 if kept.ndim == x.ndim else 0)
+
     def observe_concat(self, x: Tensor) -> None:
-        """Observe every branch of an already concatenated tensor."""
-        for i, part in enumerate(torch.split(x, self.groups, dim=1)):
+        """Observe every branch of an already concatenated tensor (padding left out, as in a Fusion)."""
+        for i, part in enumerate(self._branches(x)):
             self.observe(i, part)
 
     def observe_concat_after(self, y: Tensor) -> None:
-        for i, part in enumerate(torch.split(y, self.groups, dim=1)):
+        """Observe what the fusion conv sees of every branch of a concatenated tensor."""
+        for i, part in enumerate(self._branches(y)):
             self.observe_after(i, part)
 
     def reduced_sums(self) -> Tensor:

@@ -164,3 +164,65 @@ def test_build_from_config_uses_the_dataset_scales():
         build_train_pipeline({"data": {**cfg["data"], "cat_max_ratio": 0}})
     with pytest.raises(ConfigError, match="data.test_scale"):
         build_test_pipeline({"data": {**cfg["data"], "test_scale": [512]}})
+
+
+def test_hue_shift_equals_kornias_hsv_round_trip():
+    import math
+
+    from densefuse_tasks.seg.pipeline import _trunc, hue_shift
+    from kornia.color import hsv_to_rgb, rgb_to_hsv
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (3, 64, 64), generator=g).float()
+    x[:, :8] = 77.0  # grey: no hue
+    x[0, 8:16] = x[1, 8:16]  # R == G ties
+    cache = {}
+    for d in (-18, -7, 0, 5, 18):  # OpenCV hue units (2 degrees)
+        hsv = rgb_to_hsv(x[None] / 255.0)
+        hsv[:, 0] = torch.remainder(hsv[:, 0] + d * 2 * math.pi / 180, 2 * math.pi)
+        ref = (hsv_to_rgb(hsv)[0] * 255 + 1e-3).clamp(0, 255).floor()
+        got = _trunc(hue_shift(x.clone(), d / 30, cache).add_(1e-3))
+        assert (got - ref).abs().max() <= 1
+        assert (got == ref).float().mean() > 0.999
+    assert torch.equal(_trunc(hue_shift(x.clone(), 0.0).add_(1e-3)), x)
+
+
+def test_nearest_label_crop_equals_torch_nearest_for_many_sizes():
+    from densefuse_tasks.seg.pipeline import nearest_index, resize_label
+
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 256, (37, 53), generator=g, dtype=torch.uint8)
+    for size in ((37, 53), (74, 106), (19, 27), (100, 61), (511, 683), (38, 52)):
+        ref = F.interpolate(label[None, None], size=size, mode="nearest")[0, 0]
+        assert torch.equal(resize_label(label, size), ref)
+        assert torch.equal(resize_crop_label(label.long(), size, (3, size[0] - 2, 5, size[1] - 1)),
+                           ref[3:size[0] - 2, 5:size[1] - 1].long())
+    assert nearest_index(4, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_resize_buffer_is_reused_but_outputs_never_alias_it():
+    # two samples in a row through one pipeline: the second must not overwrite the first's pixels
+    pipe = SegTrainPipeline((32, 32), scale=(96, 64), ratio_range=None, cat_max_ratio=1.0, flip_prob=0.0,
+                            generator=torch.Generator().manual_seed(0))
+    a, b = _sample(40, 60, seed=1), _sample(40, 60, seed=2)
+    out_a = pipe(a)
+    kept = out_a["image"].clone()
+    pipe(b)
+    assert torch.equal(out_a["image"], kept)
+    assert "resized" in pipe._scratch
+    geo = pipe.draw(a["label"])
+    ref = resize_crop_image(a["image"], geo.size, geo.box)  # no buffer
+    assert torch.equal(pipe.apply(a, geo)["image"], ref)
+
+
+def test_photometric_with_a_cache_equals_without():
+    from densefuse_tasks.seg.pipeline import photometric_distortion
+
+    img = torch.randint(0, 256, (3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    cache = {}
+    for seed in range(12):  # enough seeds for every coin combination to fire
+        a = photometric_distortion(img, torch.Generator().manual_seed(seed), cache=cache)
+        b = photometric_distortion(img, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b)
+    pickled = __import__("pickle").loads(__import__("pickle").dumps(SegTrainPipeline((8, 8))))
+    assert pickled._scratch == {}

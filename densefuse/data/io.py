@@ -1,13 +1,19 @@
-"""Decoding image and label files with pillow, with one clear :class:`DataError` per bad file.
+"""Decoding image and label files, with one clear :class:`DataError` per bad file.
 
 Images come back as uint8 RGB ``(3,H,W)`` tensors, labels as int64 ``(H,W)`` tensors holding the raw
-values stored in the PNG (palette PNGs give the palette indices, as in mmseg's pillow backend).
+values stored in the PNG (palette PNGs give the palette indices, as in mmseg's pillow backend); with
+``small=True`` an 8-bit label stays uint8, which the segmentation readers check and remap faster.
+
+Complete JPEG and 8-bit PNG images are decoded by torchvision (libjpeg-turbo / libpng straight into a
+tensor: the same pixels as pillow, without pillow's intermediate copies); anything else, and any file
+torchvision refuses, goes through pillow, whose errors name the file.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -34,27 +40,61 @@ def _open(path: PathLike, kind: str) -> Image.Image:
     return img
 
 
-def read_image(path: PathLike) -> Tensor:
-    """Decode an image file as a uint8 RGB tensor ``(3,H,W)`` (grayscale/RGBA/palette are converted)."""
-    img = _open(path, "image")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def read_label(path: PathLike) -> Tensor:
+def _decode_fast(path: Path) -> Optional[Tensor]:
+    """uint8 (3,H,W) RGB of a complete JPEG or an 8-bit PNG via torchvision, or None (then pillow decodes).
+
+    A JPEG must end with its EOI marker: libjpeg only warns about a truncated stream, pillow raises."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:  # pragma: no cover - torchvision is a dependency; keep pillow working without it
+        return None
+    data = path.read_bytes()
+    is_jpeg = data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    if not (is_jpeg or data[:8] == _PNG_MAGIC):
+        return None
+    try:
+        with warnings.catch_warnings():  # torchvision >= 0.29 announces moving decoding to torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            out = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return None
+    return out if out.dtype == torch.uint8 and out.ndim == 3 and out.shape[0] == 3 else None
+
+
+def read_image(path: PathLike, channels_last: bool = False) -> Tensor:
+    """Decode an image file as a uint8 RGB tensor ``(3,H,W)`` (grayscale/RGBA/palette are converted).
+
+    ``channels_last=True`` returns the decoder's pixel-interleaved memory as it is (strides (1, 3W, 3)),
+    without the copy to planar order: what a bilinear uint8 resize wants as input anyway.
+    """
+    p = Path(path)
+    out = _decode_fast(p) if p.is_file() else None
+    if out is None:
+        img = _open(path, "image")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        out = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    return out if channels_last else out.contiguous()
+
+
+def read_label(path: PathLike, small: bool = False) -> Tensor:
     """Decode a single-channel label PNG (palette, 8-bit or 16-bit grayscale) as int64 ``(H,W)``.
 
-    Values are taken unchanged (no palette-to-colour conversion). A colour (RGB) label image is a
-    :class:`DataError`: it would need a colour-to-class table, which the official layouts never use.
+    Values are taken unchanged (no palette-to-colour conversion). ``small=True`` keeps an 8-bit file's
+    values as uint8 (16-bit files stay int64). A colour (RGB) label image is a :class:`DataError`: it would
+    need a colour-to-class table, which the official layouts never use.
     """
     img = _open(path, "label")
     if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
         raise DataError(f"label file {path} has mode {img.mode}; expected a single-channel (palette or grayscale) PNG")
-    arr = np.asarray(img)
+    arr = np.array(img)
     if arr.ndim != 2:
         raise DataError(f"label file {path} is not a single-channel image (shape {arr.shape})")
+    if small and arr.dtype == np.uint8:
+        return torch.from_numpy(arr)
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -66,9 +106,17 @@ def check_label(label: Tensor, num_classes: int, path: PathLike = "<label>", ign
     so the message names the file and up to ten of *its* offending values; ``note`` explains a
     remapping in the message.
     """
-    bad = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
-    if bool(bad.any()):
-        values = torch.unique(label[bad]).tolist()
+    if label.dtype == torch.uint8:  # a 256-bin histogram instead of three full-size comparisons
+        counts = torch.bincount(label.reshape(-1), minlength=256)
+        allowed = torch.zeros(256, dtype=torch.bool)
+        allowed[: max(0, min(num_classes, 256))] = True
+        if 0 <= ignore_index < 256:
+            allowed[ignore_index] = True
+        values = torch.nonzero((counts > 0) & ~allowed).flatten().tolist()
+    else:
+        bad = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
+        values = torch.unique(label[bad]).tolist() if bool(bad.any()) else []
+    if values:
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise DataError(
             f"label file {path} has values outside [0, {num_classes}) and not the ignore index "

@@ -39,6 +39,8 @@ def reduce_zero_label(label: Tensor) -> Tensor:
     """mmseg's ``reduce_zero_label``: 0 ("other") -> 255, then ``v -> v - 1`` and 254 -> 255, so
     ADE20K's raw 1..150 become classes 0..149 and 255 stays ignored."""
     out = label - 1
+    if label.dtype == torch.uint8:  # 0 - 1 wraps to 255 by itself; only 255 - 1 needs a fix
+        return out.masked_fill_(out == IGNORE_INDEX - 1, IGNORE_INDEX)
     out[(label == 0) | (out == IGNORE_INDEX - 1)] = IGNORE_INDEX
     return out
 
@@ -68,11 +70,13 @@ class SegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> dict:
-        """The decoded sample before ``transform``."""
+    def decode(self, index: int) -> dict:
+        """The decoded, checked sample before ``transform``, as the mmseg pipeline wants it: the label uint8
+        when the file is 8-bit (checks and ``reduce_zero_label`` on uint8 cost a fraction of int64's), the
+        image in the decoder's channels-last memory (the resize reads it without a copy)."""
         img_path, lab_path = self.samples[index]
-        image = read_image(img_path)
-        label = read_label(lab_path)
+        image = read_image(img_path, channels_last=True)
+        label = read_label(lab_path, small=True)
         check_same_size(image, label, img_path, lab_path)
         if self.reduce_zero_label:  # check the file's own values: 0..num_classes (0 = other) or 255
             check_label(label, self.num_classes + 1, lab_path,
@@ -82,9 +86,22 @@ class SegDataset(Dataset):
             check_label(label, self.num_classes, lab_path)
         return {"image": image, "label": label, "name": Path(img_path).stem}
 
+    def load(self, index: int) -> dict:
+        """The decoded sample before ``transform``: image uint8 (3,H,W) contiguous, label int64."""
+        sample = self.decode(index)
+        sample["image"] = sample["image"].contiguous()
+        sample["label"] = sample["label"].long()
+        return sample
+
     def __getitem__(self, index: int) -> dict:
-        sample = self.load(index)
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is None:
+            return self.load(index)
+        if not getattr(self.transform, "uint8_labels", False):  # transforms that expect int64 labels
+            return self.transform(self.load(index))
+        sample = self.transform(self.decode(index))  # the mmseg pipeline: crop first, then widen the crop
+        if isinstance(sample.get("label"), Tensor):
+            sample["label"] = sample["label"].long()
+        return sample
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_samples={len(self)}, num_classes={self.num_classes})"
@@ -203,8 +220,8 @@ class Cityscapes(SegDataset):
         super().__init__(pairs, False, transform)
         self.root, self.split = root, split
 
-    def load(self, index: int) -> dict:
-        sample = super().load(index)
+    def decode(self, index: int) -> dict:
+        sample = super().decode(index)
         sample["name"] = sample["name"][: -len("_leftImg8bit")]
         return sample
 

@@ -59,37 +59,65 @@ def keep_ratio_size(h: int, w: int, scale: Sequence[float]) -> tuple[int, int]:
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
-def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (``align_corners=False``, no antialiasing: cv2's INTER_LINEAR) of a (C,H,W) image.
-    uint8 runs PyTorch's fixed-point channels-last kernel (like cv2, within 1 of the float result)."""
+def _resized(image: Tensor, size: tuple[int, int], cache: Optional[dict] = None) -> Tensor:
+    """Bilinear resize of a (C,H,W) image; a uint8 result keeps channels-last strides (no copy back).
+
+    With ``cache`` (a dict), a uint8 result is written into a buffer kept there and reused by the next call
+    (a fresh multi-megabyte output costs more in page faults than the resize): copy what you keep of it."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     x = image[None]
-    if x.dtype == torch.uint8:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].contiguous()
+    if x.dtype != torch.uint8:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+    x = x.contiguous(memory_format=torch.channels_last)
+    if cache is None:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+    c, (h, w) = x.shape[1], (int(size[0]), int(size[1]))
+    flat = cache.get("resized")
+    if flat is None or flat.numel() < c * h * w:
+        flat = cache["resized"] = torch.empty(c * h * w, dtype=torch.uint8)
+    out = flat[: c * h * w].view(1, h, w, c).permute(0, 3, 1, 2)  # channels-last (1, C, h, w)
+    torch.ops.aten.upsample_bilinear2d.out(x, [h, w], False, None, None, out=out)
+    return out[0]
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``, no antialiasing: cv2's INTER_LINEAR) of a (C,H,W) image.
+    uint8 runs PyTorch's fixed-point channels-last kernel (like cv2, within 1 of the float result)."""
+    return _resized(image, size).contiguous()
+
+
+def nearest_index(in_len: int, out_len: int, start: int = 0, stop: Optional[int] = None) -> Tensor:
+    """Source indices of output positions ``start:stop`` of a nearest resize from ``in_len`` to ``out_len``:
+    ``min(floor(dst * (in / out)), in - 1)`` in float32, the arithmetic of PyTorch's (and cv2's) nearest."""
+    stop = out_len if stop is None else stop
+    if in_len == out_len:
+        return torch.arange(start, stop)
+    scale = torch.tensor(in_len, dtype=torch.float32) / torch.tensor(out_len, dtype=torch.float32)
+    idx = (torch.arange(start, stop, dtype=torch.float32) * scale).floor_().long()
+    return idx.clamp_(max=in_len - 1)
 
 
 def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest resize (``floor(dst * in / out)``, as cv2's INTER_NEAREST) of a (H,W) label: values are kept."""
-    if tuple(label.shape[-2:]) == tuple(size):
-        return label
-    small = label.dtype == torch.uint8
-    x = label[None, None] if small else label[None, None].float()
-    out = F.interpolate(x, size=size, mode="nearest")[0, 0]
-    return out if small else out.to(label.dtype)
+    return resize_crop_label(label, size, (0, int(size[0]), 0, int(size[1])))
 
 
 def resize_crop_image(image: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
     """``resize_image(image, size)[..., y1:y2, x1:x2]``."""
     y1, y2, x1, x2 = box
-    return resize_image(image, size)[..., y1:y2, x1:x2].contiguous()
+    return _resized(image, size)[..., y1:y2, x1:x2].contiguous()
 
 
 def resize_crop_label(label: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
-    """``resize_label(label, size)[y1:y2, x1:x2]``: every value is an input value."""
+    """``resize_label(label, size)[y1:y2, x1:x2]``, gathering only the crop: every value is an input value."""
     y1, y2, x1, x2 = box
-    return resize_label(label, size)[..., y1:y2, x1:x2].contiguous()
+    h, w = label.shape[-2:]
+    if (h, w) == tuple(size):
+        return label[..., y1:y2, x1:x2].contiguous()
+    rows = nearest_index(h, int(size[0]), y1, y2)
+    cols = nearest_index(w, int(size[1]), x1, x2)
+    return label.index_select(-2, rows).index_select(-1, cols)
 
 
 @dataclass
@@ -141,16 +169,18 @@ def _trunc(x: Tensor) -> Tensor:
 
 def photometric_distortion(image: Tensor, generator: Optional[torch.Generator] = None,
                            brightness_delta: float = 32.0, contrast_range: tuple[float, float] = (0.5, 1.5),
-                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> Tensor:
+                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18,
+                           cache: Optional[dict] = None) -> Tensor:
     """mmseg's ``PhotoMetricDistortion`` on one uint8 (3,H,W) RGB image, on the CPU worker.
 
     The same order and coins as mmseg: brightness (+U(-32, 32)), a coin for contrast (xU(0.5, 1.5)) first or
     last, saturation (HSV S x U(0.5, 1.5)), hue (H + randint(-18, 18) on OpenCV's 0-180 circle); every op fires
     with probability 0.5 and truncates to uint8 values. Saturation uses the exact RGB form of an HSV S scale
-    with H and V fixed, ``c' = V - k (V - c)`` (k = the factor, capped where S would pass 1), so only the hue
-    op needs an HSV round trip (kornia, in float, where cv2 quantises H and S to uint8).
+    with H and V fixed, ``c' = V - k (V - c)`` (k = the factor, capped where S would pass 1), and the hue op
+    the RGB form of an H shift (:func:`hue_shift`), both in float where cv2 quantises H and S to uint8.
+    ``cache`` (a dict) keeps the float scratch buffers from one call to the next (the pipeline passes its own).
     """
-    x = image.float()
+    x = _buffer(cache, "x", image.shape).copy_(image)
     g = generator
 
     def uniform(lo: float, hi: float) -> float:
@@ -166,20 +196,65 @@ def photometric_distortion(image: Tensor, generator: Optional[torch.Generator] =
         x = contrast(x)
     if _coin(g):
         alpha = uniform(*saturation_range)
-        v = x.amax(0, keepdim=True)
-        chroma = v - x.amin(0, keepdim=True)
-        k = torch.where(chroma > 0, torch.clamp(v / chroma.clamp(min=1e-6), max=alpha), torch.ones_like(v))
-        x = _trunc(v - k * (v - x))
+        v, m = _channel_max_min(x, cache)
+        k = torch.sub(v, m, out=_buffer(cache, "k", v.shape)).clamp_(min=1e-6)
+        torch.div(v, k, out=k).clamp_(max=alpha)  # where V == min, V - x is 0 and k does not matter
+        x = _trunc(x.sub_(v).mul_(k).add_(v))  # V - k (V - x)
     if _coin(g):
-        from kornia.color import hsv_to_rgb, rgb_to_hsv
-
-        shift = int(torch.randint(-hue_delta, hue_delta + 1, (1,), generator=g)) * (2 * math.pi / 180)
-        hsv = rgb_to_hsv(x[None] / 255.0)
-        hsv[:, 0] = torch.remainder(hsv[:, 0] + shift, 2 * math.pi)
-        x = _trunc(hsv_to_rgb(hsv)[0].mul_(255.0).add_(1e-3))
+        shift = int(torch.randint(-hue_delta, hue_delta + 1, (1,), generator=g))
+        x = _trunc(hue_shift(x, shift / 30.0, cache).add_(1e-3))  # OpenCV hue units (2 degrees) -> sextants (60)
     if not contrast_first:
         x = contrast(x)
     return x.to(torch.uint8)
+
+
+def _buffer(cache: Optional[dict], name: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A scratch tensor, reused across calls when ``cache`` is given: fresh multi-megabyte buffers cost
+    page faults on every sample, more than the arithmetic done in them."""
+    if cache is None:
+        return torch.empty(shape, dtype=dtype)
+    t = cache.get(name)
+    if t is None or t.shape != shape or t.dtype != dtype:
+        t = cache[name] = torch.empty(shape, dtype=dtype)
+    return t
+
+
+def _channel_max_min(x: Tensor, cache: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """Per-pixel max and min over the 3 channels of a (3,H,W) tensor, as (1,H,W) (elementwise, no reduction)."""
+    r, g, b = x[0:1], x[1:2], x[2:3]
+    v, m = _buffer(cache, "v", r.shape), _buffer(cache, "m", r.shape)
+    torch.maximum(torch.maximum(r, g, out=v), b, out=v)
+    torch.minimum(torch.minimum(r, g, out=m), b, out=m)
+    return v, m
+
+
+def hue_shift(x: Tensor, sextants: float, cache: Optional[dict] = None) -> Tensor:
+    """Rotate the HSV hue of a float (3,H,W) RGB image by ``sextants`` x 60 degrees, keeping V and S; in place
+    (returns ``x``). ``cache``: a dict that keeps the scratch buffers between calls.
+
+    The hexcone HSV of kornia / OpenCV without the round trip: with V = max, C = max - min and the hue h in
+    sextants (0..6), channel ``n`` (R 5, G 3, B 1) is ``V - C clamp(min(k, 4 - k), 0, 1)``, ``k = (n + h) mod 6``.
+    Equal to kornia's ``hsv_to_rgb(rgb_to_hsv(x))`` with the hue shifted, up to float rounding.
+    """
+    r, g, b = x[0:1], x[1:2], x[2:3]
+    shape = r.shape
+    v, m = _channel_max_min(x, cache)
+    c = torch.sub(v, m, out=_buffer(cache, "c", shape))
+    inv = torch.clamp(c, min=1e-6, out=_buffer(cache, "inv", shape)).reciprocal_()
+    h, k, t = (_buffer(cache, n, shape) for n in ("h", "k", "t"))
+    mask = _buffer(cache, "mask", shape, torch.bool)
+    # hue in sextants; ties pick R, then G (the first maximum, as kornia's argmax)
+    torch.sub(r, g, out=h).mul_(inv).add_(4.0)
+    torch.sub(b, r, out=k).mul_(inv).add_(2.0)
+    torch.where(torch.eq(v, g, out=mask), k, h, out=h)
+    torch.sub(g, b, out=k).mul_(inv)
+    torch.where(torch.eq(v, r, out=mask), k, h, out=h)
+    h.add_(sextants)
+    for i, n in enumerate((5.0, 3.0, 1.0)):
+        torch.remainder(torch.add(h, n, out=k), 6.0, out=k)
+        torch.minimum(k, torch.neg(k, out=t).add_(4.0), out=t).clamp_(0.0, 1.0).mul_(c)
+        torch.sub(v, t, out=x[i:i + 1])
+    return x
 
 
 class SegTrainPipeline:
@@ -200,6 +275,9 @@ class SegTrainPipeline:
         pad_fill: image fill for padding (per channel, uint8); label padding is ``ignore_index``.
         generator: optional torch.Generator (leave unset with DataLoader workers, which seed torch themselves).
     """
+
+    #: takes uint8 labels and keeps their dtype (the readers skip the int64 conversion of the full label)
+    uint8_labels = True
 
     def __init__(
         self,
@@ -224,6 +302,10 @@ class SegTrainPipeline:
         self.pad_fill = tuple(int(v) for v in pad_fill)
         self.generator = generator
         self.photometric = bool(photometric)
+        self._scratch: dict[str, Tensor] = {}  # photometric buffers, reused per process (not pickled)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scratch": {}}
 
     def draw_size(self, h: int, w: int) -> tuple[int, int]:
         """RandomResize: the resized (h, w) for an h x w image."""
@@ -245,59 +327,58 @@ class SegTrainPipeline:
         return self._draw(label)[0]
 
     def _draw(self, label: Tensor) -> tuple[Geometry, Optional[Tensor]]:
-        """The geometry and, when cat_max_ratio needed it, the resized label (reused by :meth:`apply`)."""
+        """The geometry and, when cat_max_ratio needed it, the label crop (reused by :meth:`apply`).
+        Each try gathers only its crop of the resized label (nearest), never the whole resized label."""
         h, w = label.shape[-2:]
-        full = None
+        crop = None
         size = self.draw_size(h, w)
         box = self._box(size)
         if self.cat_max_ratio < 1.0:
-            small = label.to(torch.uint8) if label.dtype != torch.uint8 and int(label.max()) <= 255 else label
-            full = resize_label(small, size)
             for _ in range(self.max_tries):
-                y1, y2, x1, x2 = box
-                if not _dominated(full[y1:y2, x1:x2], self.ignore_index, self.cat_max_ratio):
+                crop = resize_crop_label(label, size, box)
+                if not _dominated(crop, self.ignore_index, self.cat_max_ratio):
                     break
                 box = self._box(size)
+                crop = None
         flip = float(torch.rand(1, generator=self.generator)) < self.flip_prob
-        return Geometry(size, box, flip, self.crop_size, (h, w)), full
+        return Geometry(size, box, flip, self.crop_size, (h, w)), crop
 
-    def apply(self, sample: Mapping[str, Any], geo: Geometry, resized_label: Optional[Tensor] = None) -> dict:
+    def apply(self, sample: Mapping[str, Any], geo: Geometry, label_crop: Optional[Tensor] = None) -> dict:
         """Apply a drawn :class:`Geometry` (and the photometric distortion, when enabled) to a sample.
-        ``resized_label`` (uint8, at ``geo.size``) saves resizing the label again."""
+        ``label_crop`` (the label's crop at ``geo``, from :meth:`draw`'s checks) saves gathering it again."""
         out = dict(sample)
-        image = resize_crop_image(sample["image"], geo.size, geo.box)
-        label = None
-        if resized_label is not None:
-            y1, y2, x1, x2 = geo.box
-            label = resized_label[y1:y2, x1:x2].to(sample["label"].dtype)
-        elif "label" in sample:
+        # the crop is a view into the reused resize buffer until the photometric op or the padding copies it
+        image = _resized(sample["image"], geo.size, self._scratch)[..., geo.box[0]:geo.box[1], geo.box[2]:geo.box[3]]
+        label = label_crop
+        if label is None and "label" in sample:
             label = resize_crop_label(sample["label"], geo.size, geo.box)
         if geo.flip:
             image = image.flip(-1)
             label = label.flip(-1) if label is not None else None
         if self.photometric:
-            image = photometric_distortion(image, self.generator)
+            image = photometric_distortion(image, self.generator, cache=self._scratch)
         ch, cw = self.crop_size
         h, w = image.shape[-2:]
         valid = torch.zeros((1, ch, cw), dtype=torch.bool)
         valid[:, :h, :w] = True
         if (h, w) != (ch, cw):
-            padded = torch.tensor(self.pad_fill, dtype=image.dtype).view(-1, 1, 1).expand(image.shape[0], ch, cw).clone()
+            padded = torch.empty((image.shape[0], ch, cw), dtype=image.dtype)
+            padded.copy_(torch.tensor(self.pad_fill, dtype=image.dtype).view(-1, 1, 1).expand_as(padded))
             padded[:, :h, :w] = image
             image = padded
             if label is not None:
                 lab = torch.full((ch, cw), self.ignore_index, dtype=label.dtype)
                 lab[:h, :w] = label
                 label = lab
-        out["image"] = image.contiguous()
+        fresh = self.photometric or (h, w) != (ch, cw)  # else a view into the resize buffer or the input
+        out["image"] = image.contiguous() if fresh else image.clone(memory_format=torch.contiguous_format)
         if label is not None:
             out["label"] = label.contiguous()
         out["valid"] = valid
         return out
 
     def __call__(self, sample: Mapping[str, Any]) -> dict:
-        geo, full = self._draw(sample["label"])
-        return self.apply(sample, geo, full if full is not None and full.dtype == torch.uint8 else None)
+        return self.apply(sample, *self._draw(sample["label"]))
 
     def __repr__(self) -> str:
         return (f"SegTrainPipeline(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
@@ -309,6 +390,8 @@ class SegTestPipeline:
     """Test-time ``Resize(scale, keep_ratio=True)`` of the image only. The label keeps its original size
     (``label``), the resized size is in ``image``; ``ori_size`` (h, w) tells the evaluator where to resize
     the prediction. ``scale=None`` keeps the image as it is."""
+
+    uint8_labels = True
 
     def __init__(self, scale: Optional[Sequence[int]] = (2048, 512)) -> None:
         self.scale = None if not scale else (int(scale[0]), int(scale[1]))
