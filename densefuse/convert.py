@@ -244,7 +244,7 @@ def encoder_state(encoder: nn.Module, sd: StateDict, source: str) -> tuple[State
         else:
             ignored.append("norm" + k)
     if left:
-        raise ConfigError(f"{source}: {len(left)} keys fit no parameter of encoder "
+        raise ConfigError(f"{source}: {_count(len(left), 'key')} without a parameter of encoder "
                           f"'{getattr(encoder, 'name', '?')}': {_listing(left)}")
     return out, ignored
 
@@ -259,7 +259,7 @@ def load_encoder_weights(encoder: nn.Module, path: PathLike) -> list[str]:
     own = encoder.state_dict()
     missing = [k for k in own if k not in state and not k.startswith("out_norms.") and not _is_buffer_stat(k)]
     if missing:
-        raise ConfigError(f"{path}: no value for {len(missing)} encoder keys: {_listing(missing)}")
+        raise ConfigError(f"{path}: no value for {_count(len(missing), 'encoder key')}: {_listing(missing)}")
     _check_shapes(state, own, str(path))
     encoder.load_state_dict(state, strict=False)
     return ignored
@@ -273,7 +273,12 @@ def _check_shapes(state: Mapping[str, Tensor], own: Mapping[str, Tensor], source
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
            if k in own and v.shape != own[k].shape]
     if bad:
-        raise ConfigError(f"{source}: {len(bad)} tensors have the wrong shape: {_listing(bad)}")
+        raise ConfigError(f"{source}: {_count(len(bad), 'tensor')} with the wrong shape: {_listing(bad)}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 key`` / ``3 keys``: counts in messages read as English."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _listing(keys: list[str], n: int = 8) -> str:
@@ -334,10 +339,10 @@ def convert_mmseg_segmentor(sd: StateDict, model: nn.Module, source: str = "chec
         else:
             left.append(k)
     if left:
-        raise ConfigError(f"{source}: {len(left)} mmseg keys fit no densefuse parameter: {_listing(left)}")
+        raise ConfigError(f"{source}: {_count(len(left), 'mmseg key')} without a densefuse parameter: {_listing(left)}")
     missing = [k for k in targets if k not in out and not NOT_IN_SOURCE.search(k) and not _is_buffer_stat(k)]
     if missing:
-        raise ConfigError(f"{source}: no value for {len(missing)} densefuse keys: {_listing(missing)}")
+        raise ConfigError(f"{source}: no value for {_count(len(missing), 'densefuse key')}: {_listing(missing)}")
     _check_shapes(out, targets, source)
     return out
 

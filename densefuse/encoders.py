@@ -284,7 +284,10 @@ class TimmEncoder(nn.Module):
         if weights is not None:
             from .convert import load_encoder_weights
 
-            load_encoder_weights(self, weights)
+            try:
+                load_encoder_weights(self, weights)
+            except ConfigError as e:  # name the config key that gave the file
+                raise ConfigError(f"model.encoder.pretrained: {e}") from None
 
     @staticmethod
     def _weights_file(timm_name: str, pretrained: Union[str, bool, None]) -> Optional[Path]:

@@ -149,7 +149,7 @@ def test_unknown_and_missing_keys_are_listed():
     model = _model("r50-d8", "psp", 0)
     mm = to_mmseg_state_dict(model)
     extra = dict(mm, **{"decode_head.conv_foo.weight": torch.zeros(1), "neck.lateral.weight": torch.zeros(1)})
-    with pytest.raises(ConfigError, match=r"2 mmseg keys fit no densefuse parameter: decode_head\.conv_foo\.weight, "
+    with pytest.raises(ConfigError, match=r"2 mmseg keys without a densefuse parameter: decode_head\.conv_foo\.weight, "
                                           r"neck\.lateral\.weight"):
         convert_mmseg_segmentor(extra, model)
     missing = {k: v for k, v in mm.items() if not k.startswith("auxiliary_head.")}

@@ -170,5 +170,5 @@ def test_pretrained_with_foreign_keys_lists_them(tmp_path):
     sd["layer9.0.conv1.weight"] = torch.zeros(1)
     path = tmp_path / "r18.pth"
     torch.save(sd, path)
-    with pytest.raises(ConfigError, match=r"1 keys fit no parameter .*layer9\.0\.conv1\.weight"):
+    with pytest.raises(ConfigError, match=r"1 key without a parameter .*layer9\.0\.conv1\.weight"):
         TimmEncoder("resnet18", pretrained=str(path))

@@ -196,7 +196,8 @@ def test_pretrained_file_of_another_model_is_refused_before_the_run_dir(user_dir
     import torch
 
     torch.save({"foo.weight": torch.zeros(3)}, user_dir / "other.pth")
-    fails(user_dir, ["train", "--set", "model.encoder.pretrained=other.pth"], "other.pth", "foo.weight")
+    fails(user_dir, ["train", "--set", "model.encoder.pretrained=other.pth"], "model.encoder.pretrained", "other.pth",
+          "1 key without a parameter", "foo.weight")
 
 
 def test_pretrained_file_trains(user_dir):
