@@ -93,20 +93,29 @@ def assert_same_run(a, b):
     assert mb["time_s"].is_monotonic_increasing  # time continues across the resume
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["main-process", "2-workers"])
 @pytest.mark.parametrize("kill_at", [4, 3], ids=["inside-interval", "right-after-save"])
-def test_sigkill_and_resume_is_bit_identical(tmp_path, reference, killed_at_4, kill_at):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, reference, killed_at_4, kill_at, workers):
     """Checkpoints every 3 iterations: killed before iteration 5 (index 4) the run redoes iteration 4;
-    killed before index 3 it resumes right after the save at 3."""
-    if kill_at == 4:
+    killed before index 3 it resumes right after the save at 3. With DataLoader workers the resumed run's
+    fresh workers draw each sample's crop from its stream position, as the killed run's workers did; the
+    reference was trained without workers, so this also shows workers change nothing."""
+    if kill_at == 4 and workers == 0:
         wd = copy_run(killed_at_4, tmp_path)
     else:
         wd = tmp_path / "run"
-        run_killed(wd, kill_at=kill_at)
+        run_killed(wd, kill_at=kill_at, overrides=[f"data.num_workers={workers}"])
     assert load_checkpoint(wd / "latest.pth")["iter"] == 3
     assert not (wd / "final.pth").exists()
-    train(tiny_cfg(), wd, resume=True)
+    train(tiny_cfg(f"data.num_workers={workers}"), wd, resume=True)
     assert_same_run(reference, wd)
     assert "resumed from iteration 3" in (wd / "log.txt").read_text()
+
+
+def test_data_loader_workers_change_no_result(tmp_path, reference):
+    """The random crops are drawn per sample from (seed, stream position), not from a worker's stream."""
+    train(tiny_cfg("train.keep_last=2", "data.num_workers=2"), tmp_path / "run")
+    assert_same_run(reference, tmp_path / "run")
 
 
 def test_sigkill_while_saving_leaves_a_loadable_latest(tmp_path, reference):
