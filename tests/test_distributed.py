@@ -54,9 +54,11 @@ def test_calibration_all_reduces_over_ranks(tmp_path):
 # torchrun: 2 gloo processes train like 1 process with the same global batch
 
 
-#: deterministic data (no augmentation, no dropout), SGD (Adam would magnify rounding noise in
+#: random per-sample augmentation (mmseg's resize 0.5-2x, crop, flip: drawn from each sample's stream
+#: position, so the ranks draw what one process draws), no batch-level augmentation on the device (each
+#: process draws that from its own stream), no dropout, SGD (Adam would magnify rounding noise in
 #: near-zero gradients), calibration batches of 4 = 2 per rank
-DDP = ["data.augment.scale_range=[1,1]", "data.augment.flip=false", "optim.type=sgd", "optim.lr=0.01",
+DDP = ["data.pipeline=mmseg", "data.augment.photometric=false", "optim.type=sgd", "optim.lr=0.01",
        "train.iters=20", "train.val_interval=10", "train.ckpt_interval=10", "train.log_interval=1",
        "calibration.num_images=8", "calibration.batch_size=4"]
 
@@ -80,7 +82,7 @@ def _torchrun(work_dir, nproc, overrides, extra_env=None, timeout=900):
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train(tiny_cfg(*DDP, "train.batch_size=4"), one)
-    proc = _torchrun(two, 2, [*TINY, *DDP, "train.batch_size=2"])
+    proc = _torchrun(two, 2, [*TINY, *DDP, "train.batch_size=2", "data.num_workers=1"])  # workers draw alike
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # one metrics.csv, one log, one set of checkpoints: only rank 0 writes, into one work dir
