@@ -92,7 +92,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert [i for i, _ in lb] == list(range(1, 21))  # each iteration logged once
     for (_, a), (_, b) in zip(la, lb):
         assert abs(a - b) <= 1e-5
-    assert "2 process(es)" in (two / "log.txt").read_text()
+    assert "2 process(es), device cpu, amp off, SyncBN on" in (two / "log.txt").read_text()
+    assert "1 process(es), device cpu, amp off, SyncBN off" in (one / "log.txt").read_text()
 
     ca, cb = pd.read_csv(one / "calibration.csv"), pd.read_csv(two / "calibration.csv")
     assert len(ca) == len(cb) > 0
@@ -139,3 +140,11 @@ def test_cpu_sync_batchnorm_is_batchnorm_in_one_process():
     assert synced.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(model(x), synced(x))
+
+
+def test_sync_bn_setting(monkeypatch):
+    from densefuse.engine import distributed
+
+    assert not any(distributed.use_sync_bn(s) for s in (None, True, False))  # one process: nothing to sync
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    assert distributed.use_sync_bn(None) and distributed.use_sync_bn(True) and not distributed.use_sync_bn(False)

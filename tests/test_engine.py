@@ -200,3 +200,83 @@ def test_resume_config_differences_leave_out_safe_keys():
     a = {"train": {"iters": 8, "log_interval": 1}, "data": {"num_workers": 0}, "seed": 0}
     b = {"train": {"iters": 9, "log_interval": 5}, "data": {"num_workers": 4}, "seed": 1}
     assert config_differences(a, b) == ["seed", "train.iters"]
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path, capsys, monkeypatch):
+    import re
+    import sys
+
+    from densefuse.engine import Trainer
+    from densefuse.engine.logger import RunLogger
+
+    def run(progress):
+        shown = []
+        with RunLogger(tmp_path, True, progress, shown.append) as logger:
+            logger.start(0, 4)
+            for done in range(1, 5):
+                logger.iteration(done, 1.5, 0.01, 2, report=done % 2 == 0)
+            logger.info("done: summary")
+        out = capsys.readouterr()
+        return shown, out.out, out.err
+
+    shown, out, err = run(progress=True)
+    assert re.search(r"train: 100%.*4/4 \[\d\d:\d\d<\d\d:\d\d", err)  # tqdm's bar with elapsed<ETA
+    assert shown == [] and out == "done: summary\n"  # iteration lines only in the file; messages above the bar
+    shown, out, err = run(progress=False)
+    assert err == "" and out == ""
+    assert [re.sub(r"[\d.]+ img/s", "N img/s", s) for s in shown] == [
+        "iter 2/4 loss 1.500000 lr 1.000e-02 N img/s eta 0:00:00",
+        "iter 4/4 loss 1.500000 lr 1.000e-02 N img/s eta 0:00:00", "done: summary"]
+    assert len(re.findall(r"iter \d/4 loss", (tmp_path / "log.txt").read_text())) == 4
+    # the Trainer shows the bar only when stderr is a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert Trainer(tiny_cfg(), tmp_path / "tty").progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not Trainer(tiny_cfg(), tmp_path / "pipe").progress
+
+
+def test_tensorboard_gets_the_training_and_evaluation_scalars(tmp_path, monkeypatch):
+    """With the package installed, ``train.tensorboard`` writes ``tensorboard/``: a recording writer
+    stands in for ``torch.utils.tensorboard.SummaryWriter`` (the package is optional)."""
+    import importlib.util
+    import sys
+    import types
+
+    written, dirs = [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            dirs.append(log_dir)
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(tiny_cfg("train.tensorboard=true", "train.iters=2", "train.val_interval=2"), tmp_path / "run")
+    assert dirs == [str(tmp_path / "run" / "tensorboard")]
+    assert ("train/loss", 1) in written and ("train/lr", 2) in written
+    assert ("val/mIoU", 2) in written and ("train/loss_mean", 2) in written
+    assert written[-1] == ("closed", None)
+
+
+def test_best_checkpoint_follows_the_depth_metric_down(tmp_path):
+    """Depth's primary metric, abs_rel, is better when smaller: best.pth holds its minimum."""
+    import pandas as pd
+
+    import densefuse
+
+    cfg = densefuse.load_config("depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192", overrides=[
+        "train.iters=4", "train.batch_size=2", "train.val_interval=1", "train.ckpt_interval=4", "optim.lr=0.001",
+        "calibration.num_images=4", "calibration.batch_size=2", "model.encoder.name=resnet10t",
+        "model.decode_head.widths=[8,8,16,16,32]", "model.decode_head.attention_channels=8",
+        "data.kwargs.num_train=8", "data.kwargs.num_val=2", "data.kwargs.size=[64,128]", "data.crop_size=[64,96]"])
+    train(cfg, tmp_path / "run")
+    hist = pd.read_csv(tmp_path / "run" / "metrics.csv").set_index("iter")["abs_rel"]
+    assert hist.idxmin() != hist.idxmax()  # the direction matters in this run
+    best = load_checkpoint(tmp_path / "run" / "best.pth")
+    assert best["iter"] == hist.idxmin() and best["metrics"]["abs_rel"] == pytest.approx(hist.min())

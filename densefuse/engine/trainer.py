@@ -115,8 +115,8 @@ class Trainer:
         if state is not None and int(state.get("world_size", 1)) != dist.world_size():
             raise ConfigError(f"{ckpt.latest} was trained with {state.get('world_size', 1)} processes; "
                               f"resume it with as many (now {dist.world_size()})")
-        logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}",
-                    echo=False)
+        logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}, "
+                    f"SyncBN {'on' if self._synced_bn() else 'off'}", echo=False)
         seed_everything(cfg["seed"])  # identical model and calibration on every rank
         train_set = task.build_dataset(cfg, cfg["data"]["train_split"])
         val_set = task.build_dataset(cfg, cfg["data"]["val_split"])
@@ -185,8 +185,7 @@ class Trainer:
         return model
 
     def _synced_bn(self) -> bool:
-        sync = self.cfg["model"]["sync_bn"]
-        return dist.is_distributed() and (sync is None or bool(sync))
+        return dist.use_sync_bn(self.cfg["model"]["sync_bn"])
 
     def _calibrate(self, model: nn.Module, dataset: Dataset, logger: RunLogger) -> Optional[pd.DataFrame]:
         """Calibrate every equalizer on training images (normalized, not augmented) and fold if asked."""
