@@ -2,6 +2,7 @@
 import copy
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,10 +70,21 @@ def _losses(work_dir):
     return [(int(m.group(1)), float(m.group(2))) for m in found if m]
 
 
+def _entry_point():
+    """The installed ``densefuse`` console script (next to this Python, or on PATH)."""
+    here = os.path.join(os.path.dirname(sys.executable), "densefuse")
+    found = here if os.path.isfile(here) else shutil.which("densefuse")
+    assert found, "the densefuse entry point is not installed"
+    return found
+
+
 def _torchrun(work_dir, nproc, overrides, extra_env=None, timeout=900):
+    """torchrun with the c10d rendezvous of the multi-node recipe (docs/distributed.md), on one node,
+    running the ``densefuse`` entry point (``-m densefuse`` is the same CLI; test_unreachable_rendezvous
+    starts that one with torchrun's variables)."""
     args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "-m", "densefuse", "train", "-c", CONFIG, "--work-dir", str(work_dir), "--no-progress"]
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "densefuse-test",
+            _entry_point(), "train", "-c", CONFIG, "--work-dir", str(work_dir), "--no-progress"]
     for o in overrides:
         args += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}

@@ -129,6 +129,14 @@ def test_sigkill_while_saving_leaves_a_loadable_latest(tmp_path, reference):
     assert_same_run(reference, wd)
 
 
+def test_an_empty_or_damaged_metrics_csv_does_not_block_resume(tmp_path, reference, killed_at_4):
+    """The metric history lives in latest.pth; metrics.csv is rewritten from it, never parsed."""
+    wd = copy_run(killed_at_4, tmp_path)
+    (wd / "metrics.csv").write_text("")
+    train(tiny_cfg(), wd, resume=True)
+    assert_same_run(reference, wd)
+
+
 def test_resume_with_another_config_names_the_keys(tmp_path, reference, killed_at_4):
     wd = copy_run(killed_at_4, tmp_path)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in wd.iterdir())
