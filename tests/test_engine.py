@@ -313,3 +313,25 @@ def test_equalized_branches_stay_standardized_under_bf16_autocast(mode):
     assert (table["std_after"] - 1).abs().max() <= 0.05
     assert (table["std"] - 1).abs().min() > 0.3  # the equalizer, not the data, makes them std 1
     assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith(("equalizer.mean", "equalizer.std")))
+
+
+def test_step_clips_gradients_and_feeds_channels_last_images():
+    from densefuse.engine.step import TrainStep
+    from tests.test_amp import _Toy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 1, 1))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = {"image": torch.randn(2, 3, 8, 8) * 10, "target": torch.full((2, 1, 8, 8), 50.0)}
+    raw = torch.autograd.grad(_Toy().loss(model(batch["image"]), batch)[0], list(model.parameters()))
+    assert float(torch.cat([g.flatten() for g in raw]).norm()) > 50  # far above the clip
+    seen.clear()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the (clipped) gradient itself
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    step = TrainStep(model, _Toy(), opt, sched, torch.device("cpu"), grad_clip=0.5, channels_last=True)
+    step([batch], 0)
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert float(moved.norm()) == pytest.approx(0.5, rel=1e-4)
+    assert seen == [True]
