@@ -70,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": None,
         "accum_steps": 1,  # micro-batches of batch_size per optimizer step
         "channels_last": False,
-        "compile": False,  # torch.compile the model
+        "compile": False,  # torch.compile the model: false, true (inductor) or a torch.compile backend name
         "keep_last": 1,  # iter_<N>.pth checkpoints kept besides latest.pth
         "tensorboard": False,  # also write TensorBoard scalars (needs the tensorboard package)
         "dist_timeout": 1800,  # seconds to wait for the other processes (rendezvous, collectives)
@@ -374,6 +374,7 @@ RULES: dict[str, Rule] = {
     "train.ckpt_interval": _POS_INT,
     "train.grad_clip": Rule("number", nullable=True, gt=0),
     "train.amp": Rule("str", choices=("off", "fp16", "bf16")),
+    "train.compile": Rule("any"),  # a bool or a backend name: densefuse.engine.step.check_compile
     "train.accum_steps": _POS_INT,
     "train.keep_last": Rule("int", min=0),
     "train.dist_timeout": Rule("number", gt=0),

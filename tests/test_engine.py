@@ -200,3 +200,138 @@ def test_resume_config_differences_leave_out_safe_keys():
     a = {"train": {"iters": 8, "log_interval": 1}, "data": {"num_workers": 0}, "seed": 0}
     b = {"train": {"iters": 9, "log_interval": 5}, "data": {"num_workers": 4}, "seed": 1}
     assert config_differences(a, b) == ["seed", "train.iters"]
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path, capsys, monkeypatch):
+    import re
+    import sys
+
+    from densefuse.engine import Trainer
+    from densefuse.engine.logger import RunLogger
+
+    def run(progress):
+        shown = []
+        with RunLogger(tmp_path, True, progress, shown.append) as logger:
+            logger.start(0, 4)
+            for done in range(1, 5):
+                logger.iteration(done, 1.5, 0.01, 2, report=done % 2 == 0)
+            logger.info("done: summary")
+        out = capsys.readouterr()
+        return shown, out.out, out.err
+
+    shown, out, err = run(progress=True)
+    assert re.search(r"train: 100%.*4/4 \[\d\d:\d\d<\d\d:\d\d", err)  # tqdm's bar with elapsed<ETA
+    assert shown == [] and out == "done: summary\n"  # iteration lines only in the file; messages above the bar
+    shown, out, err = run(progress=False)
+    assert err == "" and out == ""
+    assert [re.sub(r"[\d.]+ img/s", "N img/s", s) for s in shown] == [
+        "iter 2/4 loss 1.500000 lr 1.000e-02 N img/s eta 0:00:00",
+        "iter 4/4 loss 1.500000 lr 1.000e-02 N img/s eta 0:00:00", "done: summary"]
+    assert len(re.findall(r"iter \d/4 loss", (tmp_path / "log.txt").read_text())) == 4
+    # the Trainer shows the bar only when stderr is a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert Trainer(tiny_cfg(), tmp_path / "tty").progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not Trainer(tiny_cfg(), tmp_path / "pipe").progress
+
+
+def test_tensorboard_gets_the_training_and_evaluation_scalars(tmp_path, monkeypatch):
+    """With the package installed, ``train.tensorboard`` writes ``tensorboard/``: a recording writer
+    stands in for ``torch.utils.tensorboard.SummaryWriter`` (the package is optional)."""
+    import importlib.util
+    import sys
+    import types
+
+    written, dirs = [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            dirs.append(log_dir)
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(tiny_cfg("train.tensorboard=true", "train.iters=2", "train.val_interval=2"), tmp_path / "run")
+    assert dirs == [str(tmp_path / "run" / "tensorboard")]
+    assert ("train/loss", 1) in written and ("train/lr", 2) in written
+    assert ("val/mIoU", 2) in written and ("train/loss_mean", 2) in written
+    assert written[-1] == ("closed", None)
+
+
+def test_best_checkpoint_follows_the_depth_metric_down(tmp_path):
+    """Depth's primary metric, abs_rel, is better when smaller: best.pth holds its minimum."""
+    import pandas as pd
+
+    import densefuse
+
+    cfg = densefuse.load_config("depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192", overrides=[
+        "train.iters=4", "train.batch_size=2", "train.val_interval=1", "train.ckpt_interval=4", "optim.lr=0.001",
+        "calibration.num_images=4", "calibration.batch_size=2", "model.encoder.name=resnet10t",
+        "model.decode_head.widths=[8,8,16,16,32]", "model.decode_head.attention_channels=8",
+        "data.kwargs.num_train=8", "data.kwargs.num_val=2", "data.kwargs.size=[64,128]", "data.crop_size=[64,96]"])
+    train(cfg, tmp_path / "run")
+    hist = pd.read_csv(tmp_path / "run" / "metrics.csv").set_index("iter")["abs_rel"]
+    assert hist.idxmin() != hist.idxmax()  # the direction matters in this run
+    best = load_checkpoint(tmp_path / "run" / "best.pth")
+    assert best["iter"] == hist.idxmin() and best["metrics"]["abs_rel"] == pytest.approx(hist.min())
+
+
+@pytest.mark.parametrize("mode", ["explicit", "fold"])
+def test_equalized_branches_stay_standardized_under_bf16_autocast(mode):
+    """The equalizer promise (every branch enters its fusion conv at mean 0 / std 1) holds in the bf16
+    forward that ``train.amp: bf16`` runs: statistics frozen in float32, measured on the live bf16 forward
+    of the same images. bf16 keeps 8 significant bits, so the convolutions before each site move its
+    statistics by about 1%; before the equalizer the branches have std 0.45-0.6 here."""
+    import densefuse
+    from densefuse.calibration import calibrate, fold, measure
+    from densefuse.engine.step import autocast
+    from tests.conftest import synthetic_batches
+
+    cfg = tiny_cfg(f"model.equalizer.mode={mode}")
+    torch.manual_seed(0)
+    model = densefuse.get_task("seg", cfg).build_model(cfg)
+    images = synthetic_batches(cfg, n_batches=2, batch_size=4)
+    calibrate(model, images)
+    if mode == "fold":
+        fold(model)
+
+    def bf16_forward(m, x):
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            out = m(x)
+        assert out["out"].dtype == torch.bfloat16  # the forward really ran in bf16
+        return out
+
+    table = measure(model, images, forward=bf16_forward)
+    assert len(table) >= 6
+    assert table["mean_after"].abs().max() <= 0.05
+    assert (table["std_after"] - 1).abs().max() <= 0.05
+    assert (table["std"] - 1).abs().min() > 0.3  # the equalizer, not the data, makes them std 1
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith(("equalizer.mean", "equalizer.std")))
+
+
+def test_step_clips_gradients_and_feeds_channels_last_images():
+    from densefuse.engine.step import TrainStep
+    from tests.test_amp import _Toy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 1, 1))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = {"image": torch.randn(2, 3, 8, 8) * 10, "target": torch.full((2, 1, 8, 8), 50.0)}
+    raw = torch.autograd.grad(_Toy().loss(model(batch["image"]), batch)[0], list(model.parameters()))
+    assert float(torch.cat([g.flatten() for g in raw]).norm()) > 50  # far above the clip
+    seen.clear()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the (clipped) gradient itself
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    step = TrainStep(model, _Toy(), opt, sched, torch.device("cpu"), grad_clip=0.5, channels_last=True)
+    step([batch], 0)
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert float(moved.norm()) == pytest.approx(0.5, rel=1e-4)
+    assert seen == [True]

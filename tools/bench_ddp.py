@@ -1,9 +1,10 @@
 """Throughput of ``torchrun --nproc_per_node N -m densefuse train`` for N = 1 and 2 at the same global batch.
 
 Each run trains the synthetic UPerNet config on gloo (CPU) or NCCL (GPU); the global batch is split
-over the processes (``train.batch_size`` is per process). Data are deterministic (no augmentation,
-no dropout) so the per-iteration losses of the runs can be compared as well: the table shows the
-largest difference to the 1-process run.
+over the processes (``train.batch_size`` is per process). The augmentation is per sample (mmseg's
+random resize, crop and flip, drawn from each sample's stream position, so every process draws what
+one process would) with none on the device and no dropout, so the per-iteration losses of the runs
+can be compared as well: the table shows the largest difference to the 1-process run.
 
     python tools/bench_ddp.py --iters 40 --global-batch 8 --out ddp.csv
 """
@@ -36,7 +37,7 @@ def run(nproc: int, args: argparse.Namespace, work_dir: Path) -> pd.DataFrame:
     sets = [f"train.iters={args.iters}", f"train.batch_size={args.global_batch // nproc}", "train.log_interval=1",
             f"train.val_interval={args.iters}", f"train.ckpt_interval={args.iters}", "train.keep_last=0",
             f"data.crop_size=[{s},{s}]", f"data.kwargs.size=[{s},{s}]", "data.kwargs.num_val=2",
-            "data.augment.scale_range=null", "data.augment.flip=false", "model.decode_head.dropout=0.0",
+            "data.pipeline=mmseg", "data.augment.photometric=false", "model.decode_head.dropout=0.0",
             "model.auxiliary_head.dropout=0.0", "optim.type=sgd", "optim.lr=0.01", "eval.batch_size=2",
             "calibration.num_images=8", "calibration.batch_size=4", f"device={args.device}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),

@@ -1,9 +1,12 @@
 """Toolkit overhead: ``densefuse train`` iteration time vs a bare forward/backward/step loop.
 
 Same model, batch and input size, measured interleaved in one run (rounds of: bare loop on fixed
-tensors, bare loop fed by the same DataLoader and batch transform, the densefuse Trainer), so a busy
-machine slows all three alike. The Trainer's iteration time is the median gap between consecutive
-iterations of its loop (data, augmentation, step, logging; calibration and model building excluded).
+tensors, bare loop fed by the same DataLoader and batch transform, the same loop fed by a DataLoader
+without per-sample seeding, the densefuse Trainer), so a busy machine slows all of them alike. The
+Trainer's iteration time is the median gap between consecutive iterations of its loop (data,
+augmentation, step, logging; calibration and model building excluded). A second table gives the cost
+of seeding one sample from its stream position (:class:`densefuse.data.loader.SeededSamples`) in the
+main process, where the RNG states are also saved and restored.
 
     python tools/bench_overhead.py --iters 30 --rounds 3 --out overhead.csv
 """
@@ -19,7 +22,7 @@ import pandas as pd
 import torch
 
 import densefuse
-from densefuse.data.loader import build_loader
+from densefuse.data.loader import InfiniteSampler, Loader, SeededSamples, build_loader
 from densefuse.engine import Trainer, build_optimizer
 from densefuse.engine.logger import RunLogger
 from densefuse.engine.runtime import to_device
@@ -35,9 +38,11 @@ def _median_gap(stamps: list[float], skip: int) -> float:
     return statistics.median(gaps)
 
 
-def bare(cfg: densefuse.Config, iters: int, skip: int, with_loader: bool) -> float:
+def bare(cfg: densefuse.Config, iters: int, skip: int, source: str) -> float:
     """A plain loop: model(x) -> loss -> backward -> AdamW step, timed per iteration (the model is
-    calibrated first, as the Trainer does, so the equalizers run in the forward)."""
+    calibrated first, as the Trainer does, so the equalizers run in the forward). ``source``: ``tensors``
+    (one fixed batch), ``loader`` (:func:`build_loader` + the batch transform) or ``unseeded`` (the same
+    without per-sample seeding)."""
     torch.manual_seed(0)
     task = get_task("seg", cfg)
     model = task.build_model(cfg)
@@ -47,10 +52,11 @@ def bare(cfg: densefuse.Config, iters: int, skip: int, with_loader: bool) -> flo
     model.train()
     opt = build_optimizer(model, cfg["optim"])
     bs, (h, w) = cfg["train"]["batch_size"], cfg["data"]["crop_size"]
-    if with_loader:
+    if source != "tensors":
         data = task.build_dataset(cfg, cfg["data"]["train_split"])
         tf = task.build_transform(cfg, train=True)
-        it = iter(build_loader(data, bs, train=True, seed=0))
+        it = iter(build_loader(data, bs, train=True, seed=0) if source == "loader" else
+                  Loader(data, batch_size=bs, sampler=InfiniteSampler(data, seed=0), drop_last=True))
         batches = (tf(to_device(next(it), torch.device("cpu"))) for _ in range(iters))
     else:
         fixed = {"image": torch.randn(bs, 3, h, w), "label": torch.randint(0, cfg["model"]["num_classes"], (bs, h, w))}
@@ -63,6 +69,20 @@ def bare(cfg: densefuse.Config, iters: int, skip: int, with_loader: bool) -> flo
         opt.step()
         stamps.append(time.perf_counter())
     return _median_gap(stamps, skip)
+
+
+def seeding_cost(samples: int = 5000) -> pd.DataFrame:
+    """Microseconds per sample that :class:`SeededSamples` adds in the main process (seeding torch,
+    numpy and python from the stream position, saving and restoring their states) and in a worker
+    (seeding only), over a dataset whose samples cost nothing."""
+    seeded = SeededSamples(list(range(8)), seed=0)
+    rows = []
+    for where, read in (("main process", seeded.__getitem__), ("worker", lambda key: seeded._read(*key))):
+        t0 = time.perf_counter()
+        for k in range(samples):
+            read((k, k % 8))
+        rows.append({"where": where, "us_per_sample": (time.perf_counter() - t0) / samples * 1e6})
+    return pd.DataFrame(rows)
 
 
 def toolkit(cfg: densefuse.Config, iters: int, skip: int) -> float:
@@ -100,8 +120,10 @@ def main() -> None:
         "calibration.num_images=8", *args.overrides])
     rows = []
     for r in range(args.rounds):
-        rows.append({"round": r, "variant": "bare (fixed tensors)", "s_per_iter": bare(cfg, args.iters, args.skip, False)})
-        rows.append({"round": r, "variant": "bare (same loader + transform)", "s_per_iter": bare(cfg, args.iters, args.skip, True)})
+        rows.append({"round": r, "variant": "bare (fixed tensors)", "s_per_iter": bare(cfg, args.iters, args.skip, "tensors")})
+        rows.append({"round": r, "variant": "bare (same loader + transform)", "s_per_iter": bare(cfg, args.iters, args.skip, "loader")})
+        rows.append({"round": r, "variant": "bare (loader without per-sample seeding)",
+                     "s_per_iter": bare(cfg, args.iters, args.skip, "unseeded")})
         rows.append({"round": r, "variant": "densefuse train", "s_per_iter": toolkit(cfg, args.iters, args.skip)})
     runs = pd.DataFrame(rows)
     table = runs.groupby("variant", sort=False)["s_per_iter"].median().to_frame()
@@ -116,6 +138,9 @@ def main() -> None:
     print(table.to_markdown(index=False, floatfmt=".3f"))
     table.to_csv(args.out, index=False)
     runs.to_csv(Path(args.out).with_suffix(".runs.csv"), index=False)
+    seeding = seeding_cost()
+    print(seeding.to_markdown(index=False, floatfmt=".1f"))
+    seeding.to_csv(Path(args.out).with_suffix(".seeding.csv"), index=False)
     print(f"wrote {args.out}")
 
 

@@ -1,9 +1,16 @@
-"""Samplers, DataLoader construction and the per-sample CPU crop that makes fixed-size tensors."""
+"""Samplers, DataLoader construction and the per-sample CPU crop that makes fixed-size tensors.
+
+Training samples are read under random states that depend only on the run's seed and the sample's
+position in the infinite stream (:class:`SeededSamples`): a sample's random crop, flip or colour jitter
+is the same with 0 or 8 DataLoader workers, in one process or sharded over many, and after a resume.
+"""
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Sized, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,7 +65,9 @@ class InfiniteSampler(Sampler[int]):
             yield from self._epoch(epoch)
             epoch += 1
 
-    def __iter__(self) -> Iterator[int]:
+    def positions(self) -> Iterator[tuple[int, int]]:
+        """``(k, index)`` for this rank's stream, ``k`` being the index's position in the global
+        (unsharded) stream: the same sample has the same ``k`` whatever the number of ranks."""
         skip = self.start
         for k, idx in enumerate(self._global()):
             if k % self.world_size != self.rank:
@@ -66,10 +75,77 @@ class InfiniteSampler(Sampler[int]):
             if skip > 0:
                 skip -= 1
                 continue
-            yield idx
+            yield k, idx
+
+    def __iter__(self) -> Iterator[int]:
+        return (idx for _, idx in self.positions())
 
     def __len__(self) -> int:  # a nominal length: one epoch's share per rank
         return math.ceil(self.size / self.world_size)
+
+
+class PositionSampler(Sampler[tuple[int, int]]):
+    """The ``(k, index)`` pairs of an :class:`InfiniteSampler`, the keys a :class:`SeededSamples` reads."""
+
+    def __init__(self, sampler: InfiniteSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.sampler.positions()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def sample_seeds(seed: int, position: int) -> tuple[int, int, int]:
+    """Seeds (torch, numpy, python) for the sample at ``position`` of a stream seeded with ``seed``:
+    numpy's ``SeedSequence`` mixes the two numbers, so neighbouring positions and seeds give unrelated
+    states (``seed + position`` would make run 1's sample k draw like run 0's sample k + 1)."""
+    words = np.random.SeedSequence([int(seed) % 2**64, int(position)]).generate_state(4, np.uint32)
+    w = [int(x) for x in words]
+    return (w[0] << 32) | w[1], w[2], w[3]
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` read with python's, numpy's and torch's (CPU) global RNGs seeded from ``seed``
+    and the sample's stream position: keys are ``(k, index)`` pairs (:class:`PositionSampler`).
+
+    Per-sample transforms draw their random crops and flips from those global RNGs, so a sample's draws
+    depend on ``(seed, k)`` only, not on which DataLoader worker reads it, how many there are, how many
+    processes share the stream, or whether the run was resumed. In the main process (``num_workers``
+    0) the RNG states are put back afterwards: reading data leaves the training process's own random
+    stream (batch augmentation on the device, dropout) as it was.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, samples, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        position, index = key
+        if torch.utils.data.get_worker_info() is not None:  # a worker's RNG serves only its samples
+            return self._read(position, index)
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return self._read(position, index)
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+    def _read(self, position: int, index: int) -> Any:
+        torch_seed, numpy_seed, python_seed = sample_seeds(self.seed, position)
+        torch.default_generator.manual_seed(torch_seed)  # CPU only: CUDA's stream is the model's
+        np.random.seed(numpy_seed)
+        random.seed(python_seed)
+        return self.dataset[index]
 
 
 class ShardSampler(Sampler[int]):
@@ -91,10 +167,6 @@ class ShardSampler(Sampler[int]):
 
 def _worker_init(worker_id: int) -> None:
     # torch seeds each worker (base_seed + id); seed numpy/random from it for user transforms too
-    import random
-
-    import numpy as np
-
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -150,12 +222,14 @@ class _Collate:
 
 class Loader(DataLoader):
     """A DataLoader whose user errors (:class:`DensefuseError` from reading a sample, also in worker
-    processes) reach the caller as themselves, with their own one-line message. ``dataset`` is the
-    dataset that was passed in."""
+    processes) reach the caller as themselves, with their own one-line message. ``source`` is the
+    dataset that was passed in. With ``sample_seed`` the sampler yields ``(k, index)`` pairs and each
+    sample is read under random states seeded from ``(sample_seed, k)`` (:class:`SeededSamples`)."""
 
     def __init__(self, dataset: Dataset, *args: Any, collate_fn: Optional[Callable[[list], Any]] = None,
-                 **kwargs: Any) -> None:
-        super().__init__(_CatchUserErrors(dataset), *args, collate_fn=_Collate(collate_fn or default_collate), **kwargs)
+                 sample_seed: Optional[int] = None, **kwargs: Any) -> None:
+        wrapped = dataset if sample_seed is None else SeededSamples(dataset, sample_seed)
+        super().__init__(_CatchUserErrors(wrapped), *args, collate_fn=_Collate(collate_fn or default_collate), **kwargs)
         self.source = dataset
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -175,15 +249,19 @@ def build_loader(
     start_iter: int = 0,
 ) -> DataLoader:
     """DataLoader for training (infinite shuffled stream, ``drop_last``) or evaluation (one ordered pass,
-    sharded over ranks). Worker RNGs derive from ``seed`` so random crops are reproducible.
-    ``start_iter`` resumes the training stream after that many batches."""
+    sharded over ranks). A training sample's random draws depend only on ``seed`` and its position in
+    the stream (:class:`SeededSamples`): the same batches with any ``num_workers``, any number of
+    processes sharing the global batch, and after a resume. ``start_iter`` resumes the training stream
+    after that many batches."""
+    sampler: Sampler
     if train:
-        sampler: Sampler[int] = InfiniteSampler(dataset, shuffle=True, seed=seed, start=start_iter * batch_size)
+        sampler = PositionSampler(InfiniteSampler(dataset, shuffle=True, seed=seed, start=start_iter * batch_size))
     else:
         sampler = ShardSampler(dataset)
     g = torch.Generator().manual_seed(int(seed) + _dist_info()[0])
     return Loader(
         dataset,
+        sample_seed=int(seed) if train else None,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -215,8 +293,8 @@ class RandomCropPad:
     """Per-sample CPU transform: a random ``crop_size`` window, padded bottom/right when the image is
     smaller, so a batch collates to fixed-size tensors. The image is padded with ``fill`` (one value or
     one per channel) and every dense key of ``keys`` (the task's table, default labels -> 255) with its
-    own fill. Leave ``generator`` unset with DataLoader workers (each worker would get a copy of it and
-    draw the same crops); workers seed torch's global RNG themselves.
+    own fill. Leave ``generator`` unset in a training loader: each sample then draws from torch's global
+    RNG, which :func:`build_loader` seeds per sample (a generator would be copied into every worker).
 
     Works on a sample dict with ``image`` (3,H,W) and dense keys (H,W) or (C,H,W); other keys pass
     through, and a per-pixel tensor the table does not declare is an error. mmseg's ``cat_max_ratio``

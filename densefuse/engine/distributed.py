@@ -206,6 +206,12 @@ class _SyncBatchNormCPU(_BatchNorm):
         return y
 
 
+def use_sync_bn(setting: Optional[bool]) -> bool:
+    """``model.sync_bn``: ``null`` synchronizes BatchNorm whenever more than one process trains (the
+    paper's recipes); ``true``/``false`` force it, though one process has nothing to synchronize with."""
+    return is_distributed() and (setting is None or bool(setting))
+
+
 def convert_sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     """Replace every BatchNorm by a synchronized one: torch's SyncBatchNorm on GPUs, the gloo-capable
     :class:`_SyncBatchNormCPU` on CPU. Parameters and buffers are kept."""

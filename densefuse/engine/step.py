@@ -29,6 +29,24 @@ def check_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return AMP_DTYPES[amp]
 
 
+def check_compile(value: Any) -> Optional[str]:
+    """The ``torch.compile`` backend of ``train.compile``: ``None`` for ``false``, ``inductor`` (torch's
+    default) for ``true``, or a backend named by ``torch._dynamo.list_backends`` (debug backends such
+    as ``aot_eager`` included: they compile in seconds, not minutes, on a CPU)."""
+    if value is False:
+        return None
+    if value is True:
+        return "inductor"
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(value, str) or value not in backends:
+        shown = ", ".join(["false", "true", *torch._dynamo.list_backends()])
+        raise ConfigError(f"train.compile must be true, false or a torch.compile backend ({shown}, or a debug "
+                          f"backend such as aot_eager), got {value!r}")
+    return value
+
+
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype``, or nothing when it is ``None``."""
     if dtype is None:

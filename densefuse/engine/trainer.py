@@ -32,7 +32,7 @@ from .logger import RunLogger, check_tensorboard
 from .optim import build_optimizer, build_scheduler
 from .runtime import WorkDir, capture_rng, default_work_dir, resolve_device, restore_rng, seed_everything, to_device
 from .state import Checkpointer, load_model_state
-from .step import TrainStep, check_amp
+from .step import TrainStep, check_amp, check_compile
 
 __all__ = ["Trainer", "calibration_batches", "evaluate", "evaluate_full", "resolve_device", "seed_everything",
            "to_device"]
@@ -56,6 +56,7 @@ def check_train_config(cfg: Mapping[str, Any], device: torch.device) -> None:
     """Value checks of the ``train`` keys this engine reads, before any work starts."""
     tc = cfg["train"]
     check_amp(tc["amp"], device)
+    check_compile(tc["compile"])
     check_tensorboard(bool(tc["tensorboard"]))
     for key, low in (("iters", 1), ("batch_size", 1), ("accum_steps", 1), ("log_interval", 1),
                      ("val_interval", 1), ("ckpt_interval", 1), ("keep_last", 0)):
@@ -114,8 +115,8 @@ class Trainer:
         if state is not None and int(state.get("world_size", 1)) != dist.world_size():
             raise ConfigError(f"{ckpt.latest} was trained with {state.get('world_size', 1)} processes; "
                               f"resume it with as many (now {dist.world_size()})")
-        logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}",
-                    echo=False)
+        logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}, "
+                    f"SyncBN {'on' if self._synced_bn() else 'off'}", echo=False)
         seed_everything(cfg["seed"])  # identical model and calibration on every rank
         train_set = task.build_dataset(cfg, cfg["data"]["train_split"])
         val_set = task.build_dataset(cfg, cfg["data"]["val_split"])
@@ -127,8 +128,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg["optim"])
         scheduler = build_scheduler(optimizer, cfg["schedule"], tc["iters"])
         train_model = dist.wrap_ddp(model, dev)
-        if tc["compile"]:
-            train_model = torch.compile(train_model)
+        backend = check_compile(tc["compile"])
+        if backend is not None:  # checkpoints keep saving ``model``: no ``_orig_mod.`` prefixes
+            train_model = torch.compile(train_model, backend=backend)
         step = TrainStep(train_model, task, optimizer, scheduler, dev, tc["amp"], tc["grad_clip"], tc["channels_last"])
         loop = _Loop.fresh()
         if state is None:
@@ -183,8 +185,7 @@ class Trainer:
         return model
 
     def _synced_bn(self) -> bool:
-        sync = self.cfg["model"]["sync_bn"]
-        return dist.is_distributed() and (sync is None or bool(sync))
+        return dist.use_sync_bn(self.cfg["model"]["sync_bn"])
 
     def _calibrate(self, model: nn.Module, dataset: Dataset, logger: RunLogger) -> Optional[pd.DataFrame]:
         """Calibrate every equalizer on training images (normalized, not augmented) and fold if asked."""
