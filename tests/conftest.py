@@ -5,6 +5,16 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests and the tools they run in-process may change torch's thread count (a benchmark pins one
+    thread); put it back so no test depends on which test ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "seg", "synthetic_upernet_r18.yaml")
 

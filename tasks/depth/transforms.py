@@ -5,7 +5,8 @@ A sample is a dict: ``"image"`` uint8 (3,H,W) plus dense keys (``depth`` / ``gro
 :class:`~densefuse.tasks.DenseKey` (depth and slope nearest, so values are never blended; the ground
 embedding bilinear). Values are never rescaled: a resized depth map keeps its metres (GEDepth), so the
 ground embedding stays valid without touching the camera intrinsics. Other keys pass through.
-Random parameters come from torch's global RNG (seeded per DataLoader worker) or a given generator.
+Random parameters come from torch's global RNG (seeded per sample from the run's seed and the sample's
+stream position by the training loader) or a given generator.
 """
 from __future__ import annotations
 

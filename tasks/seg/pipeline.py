@@ -273,7 +273,8 @@ class SegTrainPipeline:
         photometric: apply mmseg's PhotoMetricDistortion here (on the CPU, rounded back to uint8); leave it
             False to run the batched version on the training device instead.
         pad_fill: image fill for padding (per channel, uint8); label padding is ``ignore_index``.
-        generator: optional torch.Generator (leave unset with DataLoader workers, which seed torch themselves).
+        generator: optional torch.Generator (leave unset in training: the loader seeds torch's global RNG
+            per sample from the seed and the sample's stream position).
     """
 
     #: takes uint8 labels and keeps their dtype (the readers skip the int64 conversion of the full label)
