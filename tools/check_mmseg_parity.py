@@ -38,6 +38,8 @@ ROWS: dict[str, tuple[str, str]] = {
                        "upernet_swin-t_4xb4-160k_ade20k-512x512"),
     "UPerNet Twins-SVT-S": ("twins/twins_svt-s_uperhead_8xb2-160k_ade20k-512x512.py",
                             "upernet_twins-svt-s_4xb4-160k_ade20k-512x512"),
+    "UPerNet ConvNeXt-T": ("convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py",
+                           "upernet_convnext-t_4xb4-160k_ade20k-512x512"),
     "PSPNet R50-D8": ("pspnet/pspnet_r50-d8_4xb4-160k_ade20k-512x512.py", "pspnet_r50-d8_4xb4-160k_ade20k-512x512"),
     "DeepLabV3 R50-D8": ("deeplabv3/deeplabv3_r50-d8_4xb4-160k_ade20k-512x512.py",
                          "deeplabv3_r50-d8_4xb4-160k_ade20k-512x512"),
