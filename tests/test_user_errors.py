@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import densefuse
@@ -315,3 +316,45 @@ def test_switching_the_head_with_set_just_works(user_dir, head, site):
     assert r.exit_code == 0, r.output
     if site is not None:
         assert site in (user_dir / "c.csv").read_text()
+
+
+def test_a_real_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path, monkeypatch):
+    """SIGINT from a terminal, in a real process (the in-process tests raise KeyboardInterrupt themselves):
+    exit 130, stderr's last line ``interrupted`` and no traceback; the lock is released, so ``--resume``
+    of the same work dir runs."""
+    import signal
+    import subprocess
+    import sys
+
+    wd = tmp_path / "run"
+    args = ["train", "--work-dir", str(wd), "--no-progress", *SMALL, "--set", "train.log_interval=1",
+            "--set", "train.ckpt_interval=2", "--set", "train.val_interval=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "densefuse", *args, "--set", "train.iters=1000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in proc.stdout:  # training has started (and saved once) when iteration 3 is logged
+            if line.startswith("iter 3/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    saved = torch.load(wd / "latest.pth", weights_only=True)["iter"]
+    assert saved >= 2 and not (wd / "final.pth").exists()
+
+    from densefuse.engine import step
+
+    original = step.TrainStep.__call__
+
+    def stop_after_one(self, batches, iteration):  # the resumed run: one step, then Ctrl-C again
+        if iteration > saved:
+            raise KeyboardInterrupt
+        return original(self, batches, iteration)
+
+    monkeypatch.setattr(step.TrainStep, "__call__", stop_after_one)
+    r = cli(*args, "--resume", "--set", "train.iters=1000")
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted", r.output
+    assert f"resumed from iteration {saved}" in (wd / "log.txt").read_text()  # the lock was released
