@@ -33,6 +33,10 @@ DATASET_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: datasets whose images differ in size (so mmseg's keep-ratio test Resize gives unequal sizes)
+VARIABLE_SIZE = ("ade20k", "voc")
+
+
 def dataset_classes(data: Mapping[str, Any]) -> int:
     """How many classes the dataset of ``cfg.data`` has, known without reading any file."""
     kind = data["type"]
@@ -54,9 +58,10 @@ def check_dataset_config(cfg: Mapping[str, Any]) -> None:
     if kind != "synthetic" and not data.get("root"):
         raise ConfigError(f"data.root must be set for data.type '{kind}' (the dataset's folder in its official layout)")
     batch = cfg.get("eval", {}).get("batch_size", 1)
-    if data.get("pipeline", "batch") == "mmseg" and batch > 1:
-        raise ConfigError(f"eval.batch_size={batch} with data.pipeline: mmseg: the test-time Resize keeps each "
-                          f"image's own size, so evaluation images do not stack into batches; use eval.batch_size=1")
+    if data.get("pipeline", "batch") == "mmseg" and batch > 1 and kind in VARIABLE_SIZE:
+        raise ConfigError(f"eval.batch_size={batch} with data.pipeline: mmseg on data.type '{kind}': the test-time "
+                          f"Resize keeps each image's own aspect ratio, and {kind}'s images differ in size, so they do "
+                          f"not stack into batches; use eval.batch_size=1")
 
 
 def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
