@@ -340,7 +340,7 @@ _NUM = Rule("number")
 #: Value rules, by dotted key. Keys not listed must have the type of their default (any type when the
 #: default is null and no rule is listed). Tasks check their own section in ``Task.validate_config``.
 RULES: dict[str, Rule] = {
-    "task": Rule("str"),
+    "task": Rule("name"),  # any scalar reaches get_task, which lists the installed tasks
     "name": Rule("str", nullable=True),
     "seed": Rule("int", min=0),
     "device": Rule("str", pattern=_DEVICE),
