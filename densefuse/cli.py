@@ -212,12 +212,9 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
         raise DensefuseError("--resume needs --work-dir")
     from .engine.distributed import is_main, on_main
 
-    _preflight(cfg)
     trainer = Trainer(cfg, Path(work_dir) if work_dir else None, resume=resume, progress=progress)
     on_main(lambda: check_writable(trainer.work_dir))
-    if is_main():  # under torchrun every rank runs this command; one of them speaks
-        click.echo(f"work dir: {trainer.work_dir}")
-    metrics = trainer.run()
+    metrics = trainer.run()  # prints "work dir: ..." once the run dir exists
     if is_main():
         click.echo(f"final: {format_metrics(metrics)}")
 

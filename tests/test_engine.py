@@ -133,11 +133,23 @@ def test_work_dir_with_foreign_files_is_refused_and_untouched(tmp_path):
     assert (wd / "final.pth").read_bytes() == b"user weights"
 
 
-def test_failed_start_does_not_block_a_rerun(tmp_path):
+def test_failed_start_does_not_block_a_rerun(tmp_path, monkeypatch):
+    from densefuse.engine.trainer import Trainer
+    from densefuse.errors import DataError
+
     wd = tmp_path / "run"
-    with pytest.raises(DensefuseError):
-        train(tiny_cfg("data.type=ade20k", "data.root=/nonexistent", "data.kwargs={}"), wd)  # after config.yaml
+    with pytest.raises(DensefuseError):  # the datasets are built before the run dir: nothing is created
+        train(tiny_cfg("data.type=ade20k", "data.root=/nonexistent", "data.kwargs={}"), wd)
+    assert not wd.exists()
+
+    def corrupt_image(*args, **kwargs):  # a file found corrupt only when read, after config.yaml
+        raise DataError("corrupt image: x.jpg")
+
+    monkeypatch.setattr(Trainer, "_calibrate", corrupt_image)
+    with pytest.raises(DataError):
+        train(tiny_cfg(), wd)
     assert (wd / "config.yaml").exists() and not (wd / "latest.pth").exists()
+    monkeypatch.undo()
     train(tiny_cfg("train.iters=2", "train.val_interval=2"), wd)
     assert (wd / "final.pth").exists()
     with pytest.raises(DensefuseError, match="already holds a run"):

@@ -3,7 +3,8 @@ the parts: :mod:`.runtime` (seeds, RNG, work dir), :mod:`.distributed` (torchrun
 :mod:`.step` (AMP, accumulation, clipping), :mod:`.state` (checkpoints), :mod:`.evaluate` and
 :mod:`.logger`.
 
-Before step 0: build the model, convert BN to SyncBN (``model.sync_bn``; default on with more than one
+Before step 0: build the datasets and the model before the run directory is created (a user error in
+them, such as a bad pretrained file or a missing dataset folder, leaves nothing behind), convert BN to SyncBN (``model.sync_bn``; default on with more than one
 process), calibrate the scale equalizers on training images (once, statistics all-reduced, identical on
 every rank; not again on resume: they are in the state_dict), fold when the mode is ``fold``, then wrap
 in DDP (and ``torch.compile`` when ``train.compile``).
@@ -97,18 +98,23 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
         """Train to ``train.iters`` and return the last evaluation's metrics."""
-        wd = WorkDir(self.work_dir)
         try:
-            dist.on_main(lambda: wd.open(self.cfg, self.resume))
-            with RunLogger(self.work_dir, dist.is_main(), self.progress, self._print,
-                           bool(self.cfg["train"]["tensorboard"])) as logger:
-                return self._run(logger)
+            model, train_set, val_set = self._build()  # before the run dir: a user error in them leaves none
+            wd = WorkDir(self.work_dir)
+            try:
+                dist.on_main(lambda: wd.open(self.cfg, self.resume))
+                if dist.is_main():
+                    self._print(f"work dir: {self.work_dir}")
+                with RunLogger(self.work_dir, dist.is_main(), self.progress, self._print,
+                               bool(self.cfg["train"]["tensorboard"])) as logger:
+                    return self._run(logger, model, train_set, val_set)
+            finally:
+                wd.close()
         finally:
-            wd.close()
             if self._owns_group:
                 dist.shutdown()
 
-    def _run(self, logger: RunLogger) -> dict[str, float]:
+    def _run(self, logger: RunLogger, model: nn.Module, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
         cfg, task, dev, tc = self.cfg, self.task, self.device, self.cfg["train"]
         ckpt = Checkpointer(self.work_dir, tc["keep_last"])
         state = dist.on_main(lambda: ckpt.load_latest("cpu", self.cfg.to_dict())) if self.resume else None
@@ -117,10 +123,6 @@ class Trainer:
                               f"resume it with as many (now {dist.world_size()})")
         logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}, "
                     f"SyncBN {'on' if self._synced_bn() else 'off'}", echo=False)
-        seed_everything(cfg["seed"])  # identical model and calibration on every rank
-        train_set = task.build_dataset(cfg, cfg["data"]["train_split"])
-        val_set = task.build_dataset(cfg, cfg["data"]["val_split"])
-        model = self._build_model()
         if state is not None:
             load_model_state(model, state, self.work_dir / "latest.pth")
         else:
@@ -175,6 +177,19 @@ class Trainer:
         return dict(loop.metrics)
 
     # ------------------------------------------------------------------ parts of the run
+    def _build(self) -> tuple[nn.Module, Dataset, Dataset]:
+        """The model (loading its pretrained file) and the training and validation datasets (indexing and
+        checking their files), from the run's seed: identical on every rank."""
+        seed_everything(self.cfg["seed"])
+        data = self.cfg["data"]
+        train_set = self.task.build_dataset(self.cfg, data["train_split"])
+        val_set = self.task.build_dataset(self.cfg, data["val_split"])
+        model = self._build_model()
+        # the optimizer's and schedule's own checks (param-wise rules, ...) also come before the run dir;
+        # the ones used are built after calibration, which may fold new weights into the model
+        build_scheduler(build_optimizer(model, self.cfg["optim"]), self.cfg["schedule"], self.cfg["train"]["iters"])
+        return model, train_set, val_set
+
     def _build_model(self) -> nn.Module:
         cfg, dev = self.cfg, self.device
         model = self.task.build_model(cfg).to(dev)
