@@ -106,7 +106,22 @@ def sample_seeds(seed: int, position: int) -> tuple[int, int, int]:
     return (w[0] << 32) | w[1], w[2], w[3]
 
 
-class SeededSamples(Dataset):
+class _Wrapped(Dataset):
+    """A dataset around another one that keeps its length and attributes (``num_classes``, ``samples``)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, samples, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class SeededSamples(_Wrapped):
     """``dataset[index]`` read with python's, numpy's and torch's (CPU) global RNGs seeded from ``seed``
     and the sample's stream position: keys are ``(k, index)`` pairs (:class:`PositionSampler`).
 
@@ -118,15 +133,8 @@ class SeededSamples(Dataset):
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:  # num_classes, samples, ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
+        super().__init__(dataset)
+        self.seed = int(seed)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         position, index = key
@@ -186,19 +194,8 @@ class _UserError:
         raise self.type(self.message)
 
 
-class _CatchUserErrors(Dataset):
+class _CatchUserErrors(_Wrapped):
     """``dataset[i]``, or a :class:`_UserError` when reading the sample raised a DensefuseError."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:  # num_classes, samples, ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Any:
         try:
