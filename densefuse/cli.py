@@ -75,21 +75,16 @@ def _without_pretrained(cfg: Any) -> Any:
 
 
 def _preflight(cfg: Any) -> None:
-    """Everything a training run builds from the config before its first step, built once without
-    writing anything (datasets index their files; the model, optimizer and schedule are built on the
-    ``meta`` device, loading the pretrained file), so each user error surfaces before the run directory
-    exists. Errors of densefuse's own code are left to the real build, which shows their traceback."""
+    """Everything a training run builds from the config, built once without writing anything (datasets
+    index their files; the model, optimizer and schedule are built on the ``meta`` device, loading the
+    pretrained file): ``compare`` runs it for every config, so a user error in the last one surfaces
+    before the first run starts."""
     from .tasks import get_task
 
     task = get_task(cfg["task"], cfg)
     for split in dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"])):
         task.build_dataset(cfg, split)
-    try:
-        build_on_meta(cfg)
-    except DensefuseError:
-        raise
-    except Exception:  # noqa: BLE001, S110 - not the user's: the real build raises it with its traceback
-        pass
+    build_on_meta(cfg)
 
 
 def build_on_meta(cfg: Any) -> None:
