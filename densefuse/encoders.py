@@ -122,21 +122,12 @@ def _missing_cache_message(timm_name: str) -> str:
 PRETRAINED_KEY = "model.encoder.pretrained"
 
 
-def check_pretrained(pretrained: Union[str, bool, None], name: str) -> Optional[Path]:
-    """The weights file ``model.encoder.pretrained`` names for encoder ``name``, checked without building
-    anything: it exists, is a file, and reads as a weights-only checkpoint (``.safetensors``: its header;
-    else ``torch.load(weights_only=True)``, memory-mapped so a large file costs little). ``True``: the
-    file in timm's local cache. ``None``/``False``: no file. Any problem is one :class:`ConfigError`
-    naming the file and the key; nothing in a malicious file runs."""
+def weights_path(timm_name: str, pretrained: Union[str, bool, None]) -> Optional[Path]:
+    """The file ``model.encoder.pretrained`` stands for: none for ``None``/``False``, timm's cached file
+    for ``True``, else the named file, which must exist and be a file (one :class:`ConfigError` each)."""
     if pretrained is None or pretrained is False:
         return None
     if pretrained is True:
-        import timm
-
-        spec = PAPER_ENCODERS.get(name)
-        timm_name = spec.timm_name if spec else name
-        if not timm.is_model(timm_name):
-            return None  # the encoder's own check names the unknown encoder
         hit = timm_cache_file(timm_name)
         if hit is None:
             raise ConfigError(_missing_cache_message(timm_name))
@@ -146,6 +137,26 @@ def check_pretrained(pretrained: Union[str, bool, None], name: str) -> Optional[
         raise ConfigError(_missing_file_message(str(pretrained)))
     if not path.is_file():
         raise ConfigError(f"pretrained weights {pretrained} ({PRETRAINED_KEY}) is not a file")
+    return path
+
+
+def check_pretrained(pretrained: Union[str, bool, None], name: str) -> Optional[Path]:
+    """The weights file ``model.encoder.pretrained`` names for encoder ``name``, checked without building
+    anything: it exists, is a file, and reads as a weights-only checkpoint (``.safetensors``: its header;
+    else ``torch.load(weights_only=True)``, memory-mapped so a large file costs little). ``True``: the
+    file in timm's local cache. ``None``/``False``: no file. Any problem is one :class:`ConfigError`
+    naming the file and the key; nothing in a malicious file runs."""
+    timm_name = name
+    if pretrained is True:
+        import timm
+
+        spec = PAPER_ENCODERS.get(name)
+        timm_name = spec.timm_name if spec else name
+        if not timm.is_model(timm_name):
+            return None  # the encoder's own check names the unknown encoder
+    path = weights_path(timm_name, pretrained)
+    if path is None or pretrained is True:
+        return path
     try:
         _read_weights(path)
     except OSError as e:
@@ -250,7 +261,7 @@ class TimmEncoder(nn.Module):
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices:
             raise ConfigError("model.encoder.out_indices must not be empty")
-        weights = self._weights_file(timm_name, pretrained)
+        weights = weights_path(timm_name, pretrained)
         try:
             self.model = timm.create_model(timm_name, features_only=True, out_indices=out_indices, **extra)
         except (IndexError, AssertionError) as e:  # timm's raw error for a feature level it does not have
@@ -288,20 +299,6 @@ class TimmEncoder(nn.Module):
                 load_encoder_weights(self, weights)
             except ConfigError as e:  # name the config key that gave the file
                 raise ConfigError(f"model.encoder.pretrained: {e}") from None
-
-    @staticmethod
-    def _weights_file(timm_name: str, pretrained: Union[str, bool, None]) -> Optional[Path]:
-        if pretrained is None or pretrained is False:
-            return None
-        if pretrained is True:
-            hit = timm_cache_file(timm_name)
-            if hit is None:
-                raise ConfigError(_missing_cache_message(timm_name))
-            return hit
-        path = Path(str(pretrained)).expanduser()
-        if not path.is_file():
-            raise ConfigError(_missing_file_message(str(pretrained)))
-        return path
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if self._inline_norms:
