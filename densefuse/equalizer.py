@@ -17,6 +17,9 @@ The model-level functions (calibrate, measure, fold, ...) live in :mod:`densefus
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -74,6 +77,43 @@ class _SiteTrace:
             if var is not None and id(var) in self.leaves:
                 self.sources.add(self.leaves[id(var)])
             stack.extend(f for f, _ in fn.next_functions)
+
+
+#: validity (B, 1, H, W) of the input pixels while calibrating or measuring (None: every pixel counts)
+_VALID: ContextVar[Optional[Tensor]] = ContextVar("densefuse_valid_pixels", default=None)
+
+
+@contextmanager
+def valid_pixels(valid: Optional[Tensor]) -> Iterator[None]:
+    """Within this context, fusion statistics count only positions that lie wholly on valid input pixels.
+
+    ``valid`` is (B, 1, H, W) (bool or 0/1) at the input resolution, False on padding (e.g. a training crop
+    padded to the crop size). A branch position of a fusion of size (h, w) counts when the area-pooled
+    validity under it is 1, so padded pixels do not enter the calibration statistics.
+    """
+    token = _VALID.set(valid)
+    try:
+        yield
+    finally:
+        _VALID.reset(token)
+
+
+def valid_positions(valid: Tensor, size: Sequence[int]) -> Tensor:
+    """(B, h, w) bool: positions of an (h, w) map whose area-pooled input validity is 1."""
+    v = valid if valid.ndim == 4 else valid.unsqueeze(1)
+    pooled = F.adaptive_avg_pool2d(v.float(), tuple(int(s) for s in size))
+    return pooled[:, 0] >= 1.0 - 1e-6
+
+
+def on_valid(x: Tensor) -> Tensor:
+    """``x`` (B, C, h, w), or under :func:`valid_pixels` its values at the valid positions, (C, N)."""
+    valid = _VALID.get()
+    if valid is None:
+        return x
+    if valid.shape[0] != x.shape[0]:
+        raise CalibrationError(f"the validity mask has {valid.shape[0]} samples, the features {x.shape[0]}")
+    keep = valid_positions(valid.to(x.device), x.shape[-2:])
+    return x.transpose(0, 1)[:, keep]
 
 
 class ScaleEqualizer(nn.Module):
@@ -222,11 +262,9 @@ class ScaleEqualizer(nn.Module):
         self._add(1, index, y)
 
     def _branches(self, x: Tensor) -> tuple[Tensor, ...]:
-        """The branches of a concatenated (B, C, h, w) tensor; under :func:`densefuse.fusion.valid_pixels`
+        """The branches of a concatenated (B, C, h, w) tensor; under :func:`valid_pixels`
         only their positions that lie wholly on real (unpadded) input pixels, each as (C_i, N)."""
-        from .fusion import _on_valid  # fusion imports this module: import when first needed
-
-        kept = _on_valid(x)
+        kept = on_valid(x)
         return torch.split(kept, self.groups, dim=1 if kept.ndim == x.ndim else 0)
 
     def observe_concat(self, x: Tensor) -> None:

@@ -1,18 +1,20 @@
-"""``Fusion``: resize -> equalize -> concat -> fuse. The one place multi-level fusion happens."""
+"""``Fusion``: resize -> equalize -> concat -> fuse. The one place multi-level fusion happens.
+
+``valid_pixels`` / ``valid_positions`` (which positions count in the statistics) live with the
+equalizer that keeps the statistics and are re-exported here."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .equalizer import FoldTarget, ScaleEqualizer, find_fold_target
+from .equalizer import FoldTarget, ScaleEqualizer, find_fold_target, on_valid, valid_pixels, valid_positions
 from .errors import CalibrationError
 from .layers import ConvBNReLU
+
+__all__ = ["Fusion", "resize", "valid_pixels", "valid_positions"]
 
 
 def resize(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tensor:
@@ -21,43 +23,6 @@ def resize(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tenso
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
-
-
-#: validity (B, 1, H, W) of the input pixels while calibrating or measuring (None: every pixel counts)
-_VALID: ContextVar[Optional[Tensor]] = ContextVar("densefuse_valid_pixels", default=None)
-
-
-@contextmanager
-def valid_pixels(valid: Optional[Tensor]) -> Iterator[None]:
-    """Within this context, fusion statistics count only positions that lie wholly on valid input pixels.
-
-    ``valid`` is (B, 1, H, W) (bool or 0/1) at the input resolution, False on padding (e.g. a training crop
-    padded to the crop size). A branch position of a fusion of size (h, w) counts when the area-pooled
-    validity under it is 1, so padded pixels do not enter the calibration statistics.
-    """
-    token = _VALID.set(valid)
-    try:
-        yield
-    finally:
-        _VALID.reset(token)
-
-
-def valid_positions(valid: Tensor, size: Sequence[int]) -> Tensor:
-    """(B, h, w) bool: positions of an (h, w) map whose area-pooled input validity is 1."""
-    v = valid if valid.ndim == 4 else valid.unsqueeze(1)
-    pooled = F.adaptive_avg_pool2d(v.float(), tuple(int(s) for s in size))
-    return pooled[:, 0] >= 1.0 - 1e-6
-
-
-def _on_valid(x: Tensor) -> Tensor:
-    """``x`` (B, C, h, w), or under :func:`valid_pixels` its values at the valid positions, (C, N)."""
-    valid = _VALID.get()
-    if valid is None:
-        return x
-    if valid.shape[0] != x.shape[0]:
-        raise CalibrationError(f"the validity mask has {valid.shape[0]} samples, the features {x.shape[0]}")
-    keep = valid_positions(valid.to(x.device), x.shape[-2:])
-    return x.transpose(0, 1)[:, keep]
 
 
 class Fusion(nn.Module):
@@ -121,11 +86,11 @@ class Fusion(nn.Module):
         resized input and what really enters the fuse block)."""
         eq = self.equalizer
         up = resize(x, size, self.align_corners)
-        eq.observe(index, _on_valid(up), (size[0] / x.shape[-2], size[1] / x.shape[-1]))
+        eq.observe(index, on_valid(up), (size[0] / x.shape[-2], size[1] / x.shape[-1]))
         if eq.observing:
             return up
         y = resize(eq.branch(index, x), size, self.align_corners)
-        eq.observe_after(index, _on_valid(y))
+        eq.observe_after(index, on_valid(y))
         return y
 
     def fold_target(self) -> FoldTarget:
