@@ -92,7 +92,7 @@ class NormalMetrics:
         ranks = [(n + 1) / 2] if n % 2 else [n / 2, n / 2 + 1]  # 1-based ranks of the middle value(s)
         bins = [min(int(torch.searchsorted(cum, torch.tensor(r, dtype=torch.float64))), self.bins - 1) for r in ranks]
         out = {"mean": float(sums[1]) / n, "median": sum((b + 0.5) * BIN_DEG for b in bins) / len(bins)}
-        for i, t in enumerate(THRESHOLDS):
+        for i in range(len(THRESHOLDS)):
             out[METRIC_NAMES[2 + i]] = float(sums[2 + i]) / n * 100.0
         return out
 
