@@ -222,3 +222,15 @@ def test_cli_bad_loss_is_one_line(tmp_path):
                                     "--work-dir", str(tmp_path / "x")])
     assert res.exit_code == 2 and "normals.loss" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_visualize_shows_prediction_over_ground_truth_without_invalid_pixels():
+    gt = torch.nn.functional.normalize(torch.randn(2, 3, 8, 8), dim=1)
+    gt[0, :, 0, 0] = 0  # no ground truth
+    mask = torch.ones(2, 1, 8, 8)
+    mask[1, 0, 1, 1] = 0  # masked out
+    pic = NormalsTask({}).visualize({"image": torch.zeros(2, 3, 8, 8), "normal": gt, "normal_mask": mask}, gt)
+    assert pic.shape == (2, 3, 16, 8) and pic.dtype == torch.uint8
+    assert torch.equal(pic[:, :, :8], pic[:, :, 8:]) is False  # the black pixels differ from the prediction row
+    assert pic[0, :, 8, 0].tolist() == [0, 0, 0] and pic[1, :, 9, 1].tolist() == [0, 0, 0]
+    assert torch.equal(pic[1, :, 9, 2], ((gt[1, :, 1, 2] + 1) * 127.5).round().to(torch.uint8))

@@ -174,10 +174,12 @@ class NormalsTask(Task):
         pic = normals_to_rgb(prediction)
         gt = batch.get("normal")
         if gt is not None:
-            gt = gt.detach().cpu().float()
+            gt, mask = gt.detach().cpu().float(), batch.get("normal_mask")
+            mask = None if mask is None else mask.detach().cpu().float()
             if gt.shape[-2:] != prediction.shape[-2:]:
                 gt = F.interpolate(gt, size=prediction.shape[-2:], mode="nearest")
-            valid = valid_normals(gt, batch.get("normal_mask"))[:, None].cpu()
+                mask = None if mask is None else F.interpolate(mask, size=prediction.shape[-2:], mode="nearest")
+            valid = valid_normals(gt, mask)[:, None]
             pic = torch.cat([pic, torch.where(valid, normals_to_rgb(gt), torch.zeros_like(pic))], dim=-2)
         return pic
 
