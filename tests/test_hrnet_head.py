@@ -9,6 +9,12 @@ from densefuse.fusion import Fusion
 from densefuse.heads import HEADS, HRNetHead
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run faster on one thread than on two threads of a busy machine (conftest restores it)."""
+    torch.set_num_threads(1)
+
+
 def _model(channels=16, mode="explicit"):
     cfg = from_dict({"model": {"num_classes": 3, "equalizer": {"mode": mode},
                                "decode_head": {"type": "hrnet", "channels": channels},
