@@ -55,7 +55,7 @@ def test_arguments_follow_kwargs_to_the_base_class():
 
 
 def test_builtin_registries():
-    assert HEADS.names() == ["aspp", "fcn", "psp", "sep_aspp", "uper"]
+    assert HEADS.names() == ["aspp", "fcn", "hrnet", "psp", "sep_aspp", "uper"]
     from densefuse.heads import register_head, register_predictor
 
     assert register_head == HEADS.register and register_predictor == PREDICTORS.register

@@ -9,6 +9,7 @@ from ..registry import HEADS, PREDICTORS
 from .aspp import ASPPHead, DepthwiseSeparableASPPHead
 from .base import BRANCHES, DecodeHead
 from .fcn import FCNHead
+from .hrnet import HRNetHead
 from .predictors import ClsSeg
 from .psp import PSPHead
 from .uper import UPerHead
@@ -25,6 +26,7 @@ __all__ = [
     "DecodeHead",
     "DepthwiseSeparableASPPHead",
     "FCNHead",
+    "HRNetHead",
     "HEADS",
     "PPM",
     "PREDICTORS",
