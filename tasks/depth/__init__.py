@@ -17,11 +17,19 @@ from densefuse.errors import ConfigError, did_you_mean
 from densefuse.tasks import DenseKey, Task, unwrap_outputs
 
 from .datasets import KittiEigen, SyntheticRoad, read_depth_png, read_split
-from .geometry import Camera, adapt_ground, ground_depth, pitched_normal, read_kitti_calib, slope_targets
+from .geometry import (
+    Camera,
+    adapt_ground,
+    ground_depth,
+    inverse_ground,
+    pitched_normal,
+    read_kitti_calib,
+    slope_targets,
+)
 from .heads import DenseDepthHead, LevelSumHead, conv_lrelu_block
 from .loss import DepthLoss, silog_loss
 from .metrics import METRIC_NAMES, DepthMetrics, crop_mask
-from .model import MODEL_TYPE, GEDepth, build_depth_model, check_head_config, expand_input_conv
+from .model import MODEL_TYPE, GEDepth, build_depth_model, check_head_config, check_neck_config, expand_input_conv
 from .transforms import Compose, KBCrop, TrainPipeline
 
 #: ``data.type`` -> accepted ``data.kwargs``
@@ -57,6 +65,7 @@ class DepthTask(Task):
     dense_keys = {
         "depth": DenseKey("nearest", 0.0),
         "ground": DenseKey("bilinear", 0.0),
+        "ground_inv": DenseKey("bilinear", 0.0),  # 1/G of the unclipped plane (affine: bilinear is exact)
         "slope": DenseKey("nearest", 255),
     }
     config_section = {
@@ -112,6 +121,7 @@ class DepthTask(Task):
         if model.get("type", MODEL_TYPE) != MODEL_TYPE:
             raise ConfigError(f"model.type must be '{MODEL_TYPE}' for the depth task, got '{model.get('type')}'")
         check_head_config(dict(model.get("decode_head") or {}))
+        check_neck_config(model.get("neck"))
         data = cfg["data"]
         if data["type"] not in DATASET_KWARGS:
             raise ConfigError(f"unknown data.type '{data['type']}' for the depth task"
@@ -152,25 +162,32 @@ class DepthTask(Task):
         self.validate_config(cfg)
         return build_depth_model({**cfg, "depth": self._section(cfg)})
 
-    def _ground_for(self, batch: Mapping[str, Tensor]) -> Optional[Tensor]:
+    def _ground_for(self, batch: Mapping[str, Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The clipped ground depth (input channel) and the unclipped ``1/G`` (what the adaptive ground
+        bends) of a batch: its own, or those of ``depth.predict_camera``."""
         d = self._section()
         if d["ground_embedding"] == "none":
-            return None
+            return None, None
         if "ground" in batch:
-            return batch["ground"]
+            return batch["ground"], batch.get("ground_inv")
         cam = d["predict_camera"]
         img = batch["image"]
         if cam is None:
             raise ConfigError("this depth model needs a ground embedding: the input has none, so set "
                               "depth.predict_camera {fx, fy, cx, cy, pitch} (pixels, degrees) for these images")
         K = torch.tensor([[cam["fx"], 0.0, cam["cx"]], [0.0, cam["fy"], cam["cy"]], [0.0, 0.0, 1.0]])
-        g = ground_depth(K, pitched_normal(float(cam.get("pitch", 0.0))), d["camera_height"], img.shape[-2:])
-        return g.to(img.device)[None, None].expand(img.shape[0], 1, -1, -1)
+        n = pitched_normal(float(cam.get("pitch", 0.0)))
+        g = ground_depth(K, n, d["camera_height"], img.shape[-2:])
+        inv = inverse_ground(K, n, d["camera_height"], img.shape[-2:])
+        return tuple(m.to(img.device)[None, None].expand(img.shape[0], 1, -1, -1) for m in (g, inv))  # type: ignore
 
     def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
-        """``model(image, ground)``. Flip TTA (GEDepth's) is the core's ``eval.tta.flip``: it flips the
-        image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`."""
-        return model(batch["image"], self._ground_for(batch))
+        """``model(image, ground, ground_inv)``. Flip TTA (GEDepth's) is the core's ``eval.tta.flip``: it
+        flips the image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`."""
+        ground, inv = self._ground_for(batch)
+        if inv is None:
+            return model(batch["image"], ground)
+        return model(batch["image"], ground, inv)
 
     def merge_tta(self, outputs: Sequence[Any]) -> dict[str, Tensor]:
         """Average of outputs already mapped back to the original frame (GEDepth's flip TTA)."""
@@ -245,6 +262,7 @@ __all__ = [
     "depth_colormap",
     "expand_input_conv",
     "ground_depth",
+    "inverse_ground",
     "pitched_normal",
     "read_depth_png",
     "read_kitti_calib",
