@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from densefuse.config import load_config
 from densefuse.engine.optim import build_scheduler, lr_factor
 
 GEDEPTH = {"type": "cosine", "min_lr": 1e-12, "warmup_iters": 25600, "warmup_ratio": 1e-3}
@@ -36,15 +35,10 @@ def test_cosine_values_at_start_warmup_end_and_last_iteration():
     assert lr_factor(76800, 76800, GEDEPTH, 1e-4) == pytest.approx(1e-8)  # min_lr / lr = min_lr_ratio
 
 
-def test_scheduler_and_kitti_configs_use_it():
+def test_scheduler_applies_it():
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     sched = build_scheduler(opt, GEDEPTH, 100)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-7)
+    opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(lr_factor(1, 100, GEDEPTH, 1e-4) * 1e-4)
-    for name in ("gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704", "gedepth-adaptive_swin-l_8xb2-76.8k_kitti-352x704"):
-        cfg = load_config(name, task="depth")
-        s = cfg["schedule"]
-        assert (s["type"], s["warmup_iters"], s["warmup_ratio"]) == ("cosine", 25600, 1e-3)
-        assert s["min_lr"] / cfg["optim"]["lr"] == pytest.approx(1e-8)
-        assert cfg["train"]["iters"] == 76800
