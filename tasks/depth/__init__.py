@@ -53,6 +53,15 @@ def depth_colormap(depth: Tensor, max_depth: float = 80.0, min_depth: float = 1.
     return (rgb * 255).round().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
 
+def kitti_date_dir(image: Path) -> Optional[Path]:
+    """The date folder of an image in a KITTI raw tree (``<date>/<drive>/image_0X/data/<frame>.png``) when it
+    holds ``calib_cam_to_cam.txt``; None otherwise."""
+    parents = image.resolve().parents
+    if len(parents) > 3 and (parents[3] / "calib_cam_to_cam.txt").is_file():
+        return parents[3]
+    return None
+
+
 class DepthTask(Task):
     """Monocular depth (``depth`` (B,1,H,W) metres, 0 = no ground truth; metric abs_rel, lower is better)."""
 
@@ -188,6 +197,30 @@ class DepthTask(Task):
         if inv is None:
             return model(batch["image"], ground)
         return model(batch["image"], ground, inv)
+
+    def predict_sample(self, image: Tensor, path: Union[str, Path], calib: Optional[Union[str, Path]] = None) -> dict:
+        """What ``densefuse predict`` feeds the model for one image (unbatched tensors).
+
+        With ``calib`` (``--calib``, a KITTI raw date folder holding ``calib_cam_to_cam.txt`` and
+        ``calib_velo_to_cam.txt``), or for a KITTI-trained model (``data.type: kitti``) whose image sits in a
+        raw tree (``<date>/<drive>_sync/image_02/data/<frame>.png``, the calibration two folders above the
+        drive), the ground embedding comes from that camera on the full image (``data.kwargs.lidar_plane``),
+        then the KB crop (``data.kwargs.kb_crop``, KITTI-trained models) cuts image and embedding alike, as
+        for evaluation. Otherwise only the image: the ground comes from ``depth.predict_camera``."""
+        from .transforms import kb_crop
+
+        data, d = self.cfg["data"], self._section()
+        kwargs = dict(data.get("kwargs") or {})
+        date_dir = Path(calib) if calib is not None else kitti_date_dir(Path(path)) if data["type"] == "kitti" else None
+        if date_dir is None or d["ground_embedding"] == "none":
+            return {"image": image}
+        cam = read_kitti_calib(date_dir, kwargs.get("lidar_plane", 1.65))
+        size = tuple(image.shape[-2:])
+        sample = {"image": image, "ground": cam.ground(size)[None], "ground_inv": cam.inverse_ground(size)[None]}
+        crop = kwargs.get("kb_crop", [352, 1216]) if data["type"] == "kitti" else None
+        if crop and size[0] >= crop[0] and size[1] >= crop[1]:
+            sample = kb_crop(sample, self.dense_keys, crop)
+        return sample
 
     def merge_tta(self, outputs: Sequence[Any]) -> dict[str, Tensor]:
         """Average of outputs already mapped back to the original frame (GEDepth's flip TTA)."""
