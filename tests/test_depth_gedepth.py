@@ -129,3 +129,39 @@ def test_equalizer_promise_holds_with_hahi():
     for key, (mean, var) in stats.items():
         assert abs(float(mean)) < 0.05, (key, float(mean))
         assert abs(float(var) - 1) < 0.05, (key, float(var))
+
+
+def _official_swin_checkpoint(tmp_path, **kw):
+    """A Swin in Microsoft's original format (as ``swin_large_patch4_window7_224_22k.pth``): ``{"model": ...}``,
+    patch merging at the end of each stage, the ``relative_position_index`` / ``attn_mask`` buffers and a
+    classifier ``head``; made from a timm Swin (same tensors, original names)."""
+    import re
+
+    import timm
+
+    torch.manual_seed(3)
+    src = timm.create_model("swin_large_patch4_window7_224", pretrained=False, num_classes=10, **kw)
+    sd = {}
+    for k, v in src.state_dict().items():
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        sd[k.replace("head.fc.", "head.")] = v
+    for name, m in src.named_modules():  # the buffers the original checkpoint carries
+        if hasattr(m, "relative_position_index"):
+            sd[f"{name}.relative_position_index"] = m.relative_position_index.clone()
+    sd["layers.2.blocks.1.attn_mask"] = torch.zeros(4, 49, 49)  # a shifted block
+    path = tmp_path / "swin_large_patch4_window7_224_22k.pth"
+    torch.save({"model": sd}, path)
+    return src, sd, path
+
+
+def test_original_swin_checkpoint_loads_into_swin_l(tmp_path):
+    kw = {"depths": [1, 1, 2, 1], "embed_dim": 24, "num_heads": [1, 2, 2, 4]}  # the structure, small
+    src, sd, path = _official_swin_checkpoint(tmp_path, **kw)
+    assert "layers.0.downsample.reduction.weight" in sd and "layers.3.downsample.reduction.weight" not in sd
+    enc = TimmEncoder("swin-l", pretrained=str(path), **kw)
+    own = enc.model.state_dict()
+    for k, v in src.state_dict().items():
+        if k.startswith(("head", "norm.")):
+            continue
+        key = k.replace("layers.", "layers_", 1) if k.replace("layers.", "layers_", 1) in own else k
+        assert torch.equal(own[key], v), k
