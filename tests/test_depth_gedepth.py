@@ -165,3 +165,21 @@ def test_original_swin_checkpoint_loads_into_swin_l(tmp_path):
             continue
         key = k.replace("layers.", "layers_", 1) if k.replace("layers.", "layers_", 1) in own else k
         assert torch.equal(own[key], v), k
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.init=msra", "'model.init' must be one of gedepth, torch or null, got str 'msra'"),
+    ("model.neck={type: fpn}", "model.neck.type must be 'hahi'"),
+    ("model.neck={heads: 8}", "unknown config key 'model.neck.heads' (did you mean 'model.neck.num_heads'?)"),
+    ("model.neck={embedding_dim: 100}", "model.neck.embedding_dim (100) must be a multiple of 2 x num_heads (8)"),
+])
+def test_bad_neck_or_init_is_one_clear_error(tmp_path, setting, message):
+    from click.testing import CliRunner
+
+    from densefuse.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--task", "depth", "--set", setting, "--work-dir", str(tmp_path / "w")])
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in res.output
+    assert not (tmp_path / "w").exists()
