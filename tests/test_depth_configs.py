@@ -47,7 +47,7 @@ def test_swin_l_configs_build_gedepths_model(paramwise_keys, name):
     checkpoint named as a local file."""
     raw = densefuse.load_config(name, ["data.root=unused", "model.encoder.pretrained=null"])
     assert raw["model"]["neck"]["type"] == "hahi" and raw["model"]["neck"]["embedding_dim"] == 512
-    assert raw["model"]["init"] == "gedepth"
+    assert raw["model"]["init"] == "gedepth" and raw["model"]["sync_bn"] is False  # GEDepth: plain BN
     s = raw["schedule"]
     assert (s["type"], s["warmup_iters"], s["warmup_ratio"]) == ("cosine", 25600, 1e-3)
     assert s["min_lr"] / raw["optim"]["lr"] == pytest.approx(1e-8)  # GEDepth's min_lr_ratio
