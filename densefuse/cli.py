@@ -427,9 +427,12 @@ def output_stems(paths: list[Path]) -> list[Path]:
 @config_opt
 @set_opt
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the outputs.")
+@click.option("--calib", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Depth: a KITTI raw date folder (calib_cam_to_cam.txt, calib_velo_to_cam.txt) for the ground "
+                   "embedding; KITTI-trained models also find it in a raw tree and KB-crop the images.")
 @_friendly
 def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str], overrides: tuple[str, ...],
-                out_dir: str) -> None:
+                out_dir: str, calib: Optional[str]) -> None:
     """Predict on image files or folders; the task writes each image's files (seg: <name>.png, a palette
     PNG of class ids, and <name>_vis.png). Names mirror the inputs' folders; nothing is overwritten."""
     import shutil
@@ -444,6 +447,9 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
     stems = output_stems(paths)
     check_writable(Path(out_dir), f"--out {out_dir}")
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
+    prepare = getattr(task, "predict_sample", None)  # the task's per-image inputs (depth: KITTI calib, KB crop)
+    if calib is not None and prepare is None:
+        raise click.UsageError(f"--calib is for the depth task, not '{task.name}'")
     model.eval()
     out = Path(out_dir)
     created = not out.exists()
@@ -456,8 +462,9 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
         written: list[Path] = []
         with torch.no_grad():
             for path, stem in zip(paths, stems):
-                image = read_image(path)
-                batch = transform(_to_device({"image": image[None]}, device))
+                sample = prepare(read_image(path), path, calib) if prepare else {"image": read_image(path)}
+                image = sample["image"]
+                batch = transform(_to_device({k: v[None] for k, v in sample.items()}, device))
                 prediction = task.predict(infer_outputs(model, task, batch))  # eval.mode and eval.tta as eval
                 (staging / stem).parent.mkdir(parents=True, exist_ok=True)
                 written += task.save_prediction(prediction[0].cpu(), staging / stem, image=image)

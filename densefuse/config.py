@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
         "auxiliary_head": None,
         "smp": {"arch": "UPerNet", "encoder_name": "resnet18", "kwargs": {}},
         "sync_bn": None,  # null: SyncBatchNorm when training on more than one process
+        "neck": None,  # depth model: {type: hahi, ...} (tasks/depth/model.py NECK_KEYS) or null
+        "init": None,  # depth model: gedepth | torch (null: torch) initialisation of its decoder and necks
     },
     "data": {
         "type": "synthetic",
@@ -97,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
 OPEN = {
     "model.decode_head",
     "model.auxiliary_head",
+    "model.neck",
     "model.encoder.kwargs",
     "model.smp.kwargs",
     "data.kwargs",
@@ -355,6 +358,8 @@ RULES: dict[str, Rule] = {
     "model.encoder.pretrained": Rule("str", nullable=True),
     "model.auxiliary_head": Rule("mapping", nullable=True),
     "model.sync_bn": Rule("bool", nullable=True),
+    "model.neck": Rule("mapping", nullable=True),
+    "model.init": Rule("str", nullable=True, choices=("gedepth", "torch", None)),
     "data.type": Rule("name"),
     "data.root": Rule("str", nullable=True),
     "data.crop_size": Rule("list", length=2, item=_POS_INT),
@@ -389,7 +394,7 @@ RULES: dict[str, Rule] = {
     "optim.paramwise.bias_lr_mult": Rule("number", nullable=True, min=0),
     "optim.paramwise.dwconv_decay_mult": Rule("number", nullable=True, min=0),
     "optim.paramwise.layer_decay": Rule("mapping", nullable=True),
-    "schedule.type": Rule("str", choices=("poly", "constant")),
+    "schedule.type": Rule("str", choices=("poly", "constant", "cosine")),
     "schedule.power": Rule("number", min=0),
     "schedule.min_lr": Rule("number", min=0),
     "schedule.warmup_iters": Rule("int", min=0),

@@ -128,6 +128,26 @@ def _swin(sd: StateDict) -> tuple[StateDict, StateDict, list[str]]:
     return out, norms, left
 
 
+def is_official_swin(sd: StateDict) -> bool:
+    """Microsoft's original Swin format (``swin_large_patch4_window7_224_22k.pth``): patch merging at the
+    *end* of a stage, so stage 0 has ``layers.0.downsample`` (timm puts it at the start of the next stage)."""
+    return any(k.startswith("layers.0.downsample.") for k in sd) and not any(k.startswith("stages.") for k in sd)
+
+
+def swin_official_to_timm(sd: StateDict) -> tuple[StateDict, StateDict, list[str]]:
+    """Original Swin names -> timm: ``layers.N.downsample`` -> ``layers.N+1.downsample`` (same channel order);
+    the buffers timm rebuilds (``relative_position_index``, ``attn_mask``), the final ``norm`` and the
+    classifier ``head`` are returned as keys left over (ignored by name). No per-output norms in this format."""
+    out, left = {}, []
+    for k, v in sd.items():
+        if k.endswith(("relative_position_index", "attn_mask")) or k.startswith(("head.", "norm.")):
+            left.append(k)
+            continue
+        m = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", k)
+        out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else k] = v
+    return out, {}, left
+
+
 def _twins(sd: StateDict) -> tuple[StateDict, StateDict, list[str]]:
     out, norms, left = {}, {}, []
     for k, v in sd.items():
@@ -204,6 +224,8 @@ def backbone_to_timm(sd: StateDict, family: str) -> tuple[StateDict, StateDict, 
     mmseg / mmpretrain format is recognised by its key names and converted; timm format passes through.
     """
     sd = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in sd.items()}
+    if family == "swin" and is_official_swin(sd):
+        return swin_official_to_timm(sd)
     if family in _FAMILIES and _FAMILIES[family][0](sd):
         return _FAMILIES[family][1](sd)
     return dict(sd), {}, []

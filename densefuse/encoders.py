@@ -51,6 +51,7 @@ PAPER_ENCODERS: dict[str, EncoderSpec] = {
     "swin-t": EncoderSpec("swin_tiny_patch4_window7_224", **_SWIN),
     "swin-s": EncoderSpec("swin_small_patch4_window7_224", **_SWIN),
     "swin-b": EncoderSpec("swin_base_patch4_window7_224", **_SWIN),
+    "swin-l": EncoderSpec("swin_large_patch4_window7_224", **_SWIN),
     "twins-svt-s": EncoderSpec("twins_svt_small", drop_path_rate=0.2, **_TWINS),
     "twins-svt-b": EncoderSpec("twins_svt_base", drop_path_rate=0.2, **_TWINS),
     "twins-svt-l": EncoderSpec("twins_svt_large", drop_path_rate=0.3, **_TWINS),

@@ -4,7 +4,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from densefuse_tasks.depth import adapt_ground, ground_depth, pitched_normal, read_kitti_calib, slope_targets
+from densefuse_tasks.depth import (
+    adapt_ground,
+    ground_depth,
+    inverse_ground,
+    pitched_normal,
+    read_kitti_calib,
+    slope_targets,
+)
 
 from densefuse.errors import DataError
 
@@ -116,10 +123,57 @@ def test_missing_calib_file_or_line_is_a_clear_data_error(tmp_path):
 
 def test_slope_round_trip():
     """A pixel on a ground tilted by k gives the slope class of k; adapting G by it gives the true depth."""
-    G = torch.tensor([[5.0, 10.0, 20.0, 0.0]])
-    k_deg = torch.full_like(G, 3.0)
-    Ga = adapt_ground(G, k_deg, 1.65)
-    cls = slope_targets(Ga, G, 1.65)
-    assert cls[0, :3].tolist() == [8, 8, 8]  # +3 degrees -> bin 5 + 3
-    assert Ga[0, 3] == pytest.approx(1.65 / math.tan(math.radians(3.0)))  # visible just above the flat horizon
+    inv = torch.tensor([[1 / 5.0, 1 / 10.0, 1 / 20.0, 0.0, -0.01]])
+    k_deg = torch.full_like(inv, 3.0)
+    Ga = adapt_ground(inv, k_deg, 1.65)
+    cls = slope_targets(Ga, inv, 1.65)
+    assert cls[0, :4].tolist() == [8, 8, 8, 8]  # +3 degrees -> bin 5 + 3
+    assert Ga[0, 3] == pytest.approx(1.65 / math.tan(math.radians(3.0)))  # at the flat horizon
+    # above the horizon (1/G < 0) the uphill plane is further away than at the horizon
+    assert Ga[0, 4] == pytest.approx(1 / (-0.01 + math.tan(math.radians(3.0)) / 1.65))
     assert slope_targets(torch.zeros(1, 2), torch.ones(1, 2), 1.65).tolist() == [[255, 255]]
+
+
+def _gedepth_adaptive(pe_comput: np.ndarray, slope_deg: np.ndarray, h: float = 1.65, depth_scale: float = 200):
+    """GEDepth's ``DepthEncoderDecoder.dynamic_pe`` (pe_mask before the attention product), transcribed:
+    ``pe_comput`` is the unclipped ``pe_165`` map, the 5th input channel."""
+    k = np.tan(np.deg2rad(slope_deg))
+    a = -h / (pe_comput + 1e-8)
+    off = -h / ((a - k) + 1e-8)
+    m = off.copy()
+    m[m < 0] = 0
+    m[m > depth_scale] = 0
+    m[m > 0] = 1
+    return off * m
+
+
+@pytest.mark.parametrize("slope", [5.0, 2.0, -3.0, 0.0])
+def test_adaptive_ground_equals_gedepth_above_and_below_the_horizon(tmp_path, slope):
+    """On the real 2011_09_26 calibration (files in KITTI's format) densefuse's adaptive ground from the
+    unclipped 1/G equals GEDepth's formula on its unclipped map, above and below the horizon; only a thin
+    band above the horizon bends into ground, the sky stays without ground depth."""
+    cam = read_kitti_calib(write_calib(tmp_path / "2011_09_26"), lidar_plane=1.65)
+    H, W = 375, 1242
+    inv = cam.inverse_ground((H, W))
+    assert torch.equal(inv, inverse_ground(cam.K, cam.normal, cam.height, (H, W)))
+    pe_165 = 1.0 / inv.double().numpy()  # GEDepth's unclipped map: h'/denom, negative above the horizon
+    theta = np.full((H, W), slope)
+    want = _gedepth_adaptive(pe_165, theta)
+    got = adapt_ground(inv[None, None], torch.full((1, 1, H, W), slope), 1.65)[0, 0].double().numpy()
+    # away from the 200 m cut-off (a float32 rounding there decides in or out)
+    clear = np.abs(want - 200) > 0.5
+    assert np.allclose(got[clear], want[clear], rtol=1e-4, atol=1e-4)
+    above = inv.numpy() < 0
+    assert above.sum() > 200_000  # the rows above the horizon of a 375x1242 frame
+    band = (got > 0) & above
+    if slope > 0.5:
+        rows = np.nonzero(band.any(1))[0]
+        assert 0 < len(rows) < 80 and band.sum() < 0.35 * above.sum()  # a band, not the sky (5 deg: rows 120-186)
+        assert (got[:rows.min()] == 0).all()
+    else:
+        assert not band.any()
+    # the slope targets invert it: GT depth on a slope-k ground gives class k (where it is ground)
+    depth = torch.from_numpy(got).float()[None, None]
+    cls = slope_targets(depth, inv[None, None], 1.65)
+    on = (depth > 1) & (depth < 80)
+    assert (cls[on] == int(round(slope)) + 5).all()

@@ -1,4 +1,5 @@
-"""Optimizers (AdamW, SGD), mmseg's param-wise rules and iteration-based schedules (poly with linear warmup).
+"""Optimizers (AdamW, SGD), mmseg's param-wise rules and iteration-based schedules (poly or cosine, with
+linear warmup).
 
 Param-wise rules (``optim.paramwise`` in the config) follow mmengine's ``DefaultOptimWrapperConstructor``
 and mmseg's ``LearningRateDecayOptimizerConstructor`` so the paper's recipes can be written in YAML::
@@ -18,6 +19,7 @@ and 1-D tensors in a group without weight decay.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping, Optional
 
@@ -40,6 +42,8 @@ PARAMWISE_DEFAULTS: dict[str, Any] = {
     "layer_decay": None,
 }
 _CUSTOM_MULTS = ("lr_mult", "decay_mult")
+#: ``schedule.type`` values
+SCHEDULES = ("poly", "constant", "cosine")
 _LAYER_DECAY_KEYS = ("rate", "num_layers", "family")
 
 
@@ -188,17 +192,25 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
 
 def lr_factor(it: int, total: int, cfg: Mapping[str, Any], base_lr: float) -> float:
     """LR multiplier at iteration ``it``: linear warmup from ``warmup_ratio`` over ``warmup_iters``
-    (mmengine LinearLR), then poly decay ``(1 - t/T)^power`` towards ``min_lr`` (mmengine PolyLR)."""
+    (mmengine LinearLR), then poly decay ``(1 - t/T)^power`` towards ``min_lr`` (mmengine PolyLR).
+
+    ``type: cosine`` is mmcv's ``CosineAnnealing`` as GEDepth runs it: the cosine runs over the whole
+    run from iteration 0 (``min + (1 - min) (1 + cos(pi it / total)) / 2``, ``min = min_lr / base_lr``,
+    GEDepth's ``min_lr_ratio``) and the linear warmup scales it, so at the end of warmup the lr is
+    already the cosine's value there, not the base lr."""
     warm = int(cfg.get("warmup_iters", 0))
     kind = cfg.get("type", "poly")
-    if kind not in ("poly", "constant"):
-        raise ConfigError(f"unknown schedule.type '{kind}' (use poly or constant)")
+    if kind not in SCHEDULES:
+        raise ConfigError(f"unknown schedule.type '{kind}' (use {', '.join(SCHEDULES)})")
+    min_factor = cfg.get("min_lr", 0.0) / base_lr if base_lr > 0 else 0.0
     if kind == "constant":
         factor = 1.0
+    elif kind == "cosine":
+        t = min(max(it, 0), max(total, 1))
+        factor = min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t / max(total, 1)))
     else:
         t = min(max(it - warm, 0), max(total - warm, 1))
         span = max(total - warm, 1)
-        min_factor = cfg.get("min_lr", 0.0) / base_lr if base_lr > 0 else 0.0
         factor = min_factor + (1 - min_factor) * (1 - t / span) ** cfg.get("power", 1.0)
     if it < warm:
         ratio = cfg.get("warmup_ratio", 1e-6)

@@ -17,11 +17,19 @@ from densefuse.errors import ConfigError, did_you_mean
 from densefuse.tasks import DenseKey, Task, unwrap_outputs
 
 from .datasets import KittiEigen, SyntheticRoad, read_depth_png, read_split
-from .geometry import Camera, adapt_ground, ground_depth, pitched_normal, read_kitti_calib, slope_targets
+from .geometry import (
+    Camera,
+    adapt_ground,
+    ground_depth,
+    inverse_ground,
+    pitched_normal,
+    read_kitti_calib,
+    slope_targets,
+)
 from .heads import DenseDepthHead, LevelSumHead, conv_lrelu_block
 from .loss import DepthLoss, silog_loss
 from .metrics import METRIC_NAMES, DepthMetrics, crop_mask
-from .model import MODEL_TYPE, GEDepth, build_depth_model, check_head_config, expand_input_conv
+from .model import MODEL_TYPE, GEDepth, build_depth_model, check_head_config, check_neck_config, expand_input_conv
 from .transforms import Compose, KBCrop, TrainPipeline
 
 #: ``data.type`` -> accepted ``data.kwargs``
@@ -45,6 +53,15 @@ def depth_colormap(depth: Tensor, max_depth: float = 80.0, min_depth: float = 1.
     return (rgb * 255).round().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
 
+def kitti_date_dir(image: Path) -> Optional[Path]:
+    """The date folder of an image in a KITTI raw tree (``<date>/<drive>/image_0X/data/<frame>.png``) when it
+    holds ``calib_cam_to_cam.txt``; None otherwise."""
+    parents = image.resolve().parents
+    if len(parents) > 3 and (parents[3] / "calib_cam_to_cam.txt").is_file():
+        return parents[3]
+    return None
+
+
 class DepthTask(Task):
     """Monocular depth (``depth`` (B,1,H,W) metres, 0 = no ground truth; metric abs_rel, lower is better)."""
 
@@ -57,6 +74,7 @@ class DepthTask(Task):
     dense_keys = {
         "depth": DenseKey("nearest", 0.0),
         "ground": DenseKey("bilinear", 0.0),
+        "ground_inv": DenseKey("bilinear", 0.0),  # 1/G of the unclipped plane (affine: bilinear is exact)
         "slope": DenseKey("nearest", 255),
     }
     config_section = {
@@ -112,6 +130,7 @@ class DepthTask(Task):
         if model.get("type", MODEL_TYPE) != MODEL_TYPE:
             raise ConfigError(f"model.type must be '{MODEL_TYPE}' for the depth task, got '{model.get('type')}'")
         check_head_config(dict(model.get("decode_head") or {}))
+        check_neck_config(model.get("neck"))
         data = cfg["data"]
         if data["type"] not in DATASET_KWARGS:
             raise ConfigError(f"unknown data.type '{data['type']}' for the depth task"
@@ -152,25 +171,56 @@ class DepthTask(Task):
         self.validate_config(cfg)
         return build_depth_model({**cfg, "depth": self._section(cfg)})
 
-    def _ground_for(self, batch: Mapping[str, Tensor]) -> Optional[Tensor]:
+    def _ground_for(self, batch: Mapping[str, Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The clipped ground depth (input channel) and the unclipped ``1/G`` (what the adaptive ground
+        bends) of a batch: its own, or those of ``depth.predict_camera``."""
         d = self._section()
         if d["ground_embedding"] == "none":
-            return None
+            return None, None
         if "ground" in batch:
-            return batch["ground"]
+            return batch["ground"], batch.get("ground_inv")
         cam = d["predict_camera"]
         img = batch["image"]
         if cam is None:
             raise ConfigError("this depth model needs a ground embedding: the input has none, so set "
                               "depth.predict_camera {fx, fy, cx, cy, pitch} (pixels, degrees) for these images")
         K = torch.tensor([[cam["fx"], 0.0, cam["cx"]], [0.0, cam["fy"], cam["cy"]], [0.0, 0.0, 1.0]])
-        g = ground_depth(K, pitched_normal(float(cam.get("pitch", 0.0))), d["camera_height"], img.shape[-2:])
-        return g.to(img.device)[None, None].expand(img.shape[0], 1, -1, -1)
+        n = pitched_normal(float(cam.get("pitch", 0.0)))
+        g = ground_depth(K, n, d["camera_height"], img.shape[-2:])
+        inv = inverse_ground(K, n, d["camera_height"], img.shape[-2:])
+        return tuple(m.to(img.device)[None, None].expand(img.shape[0], 1, -1, -1) for m in (g, inv))  # type: ignore
 
     def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
-        """``model(image, ground)``. Flip TTA (GEDepth's) is the core's ``eval.tta.flip``: it flips the
-        image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`."""
-        return model(batch["image"], self._ground_for(batch))
+        """``model(image, ground, ground_inv)``. Flip TTA (GEDepth's) is the core's ``eval.tta.flip``: it
+        flips the image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`."""
+        ground, inv = self._ground_for(batch)
+        if inv is None:
+            return model(batch["image"], ground)
+        return model(batch["image"], ground, inv)
+
+    def predict_sample(self, image: Tensor, path: Union[str, Path], calib: Optional[Union[str, Path]] = None) -> dict:
+        """What ``densefuse predict`` feeds the model for one image (unbatched tensors).
+
+        With ``calib`` (``--calib``, a KITTI raw date folder holding ``calib_cam_to_cam.txt`` and
+        ``calib_velo_to_cam.txt``), or for a KITTI-trained model (``data.type: kitti``) whose image sits in a
+        raw tree (``<date>/<drive>_sync/image_02/data/<frame>.png``, the calibration two folders above the
+        drive), the ground embedding comes from that camera on the full image (``data.kwargs.lidar_plane``),
+        then the KB crop (``data.kwargs.kb_crop``, KITTI-trained models) cuts image and embedding alike, as
+        for evaluation. Otherwise only the image: the ground comes from ``depth.predict_camera``."""
+        from .transforms import kb_crop
+
+        data, d = self.cfg["data"], self._section()
+        kwargs = dict(data.get("kwargs") or {})
+        date_dir = Path(calib) if calib is not None else kitti_date_dir(Path(path)) if data["type"] == "kitti" else None
+        if date_dir is None or d["ground_embedding"] == "none":
+            return {"image": image}
+        cam = read_kitti_calib(date_dir, kwargs.get("lidar_plane", 1.65))
+        size = tuple(image.shape[-2:])
+        sample = {"image": image, "ground": cam.ground(size)[None], "ground_inv": cam.inverse_ground(size)[None]}
+        crop = kwargs.get("kb_crop", [352, 1216]) if data["type"] == "kitti" else None
+        if crop and size[0] >= crop[0] and size[1] >= crop[1]:
+            sample = kb_crop(sample, self.dense_keys, crop)
+        return sample
 
     def merge_tta(self, outputs: Sequence[Any]) -> dict[str, Tensor]:
         """Average of outputs already mapped back to the original frame (GEDepth's flip TTA)."""
@@ -245,6 +295,7 @@ __all__ = [
     "depth_colormap",
     "expand_input_conv",
     "ground_depth",
+    "inverse_ground",
     "pitched_normal",
     "read_depth_png",
     "read_kitti_calib",

@@ -1,7 +1,8 @@
 """Depth datasets: a procedural road scene (the default, no download) and KITTI Eigen in the official layout.
 
 Samples are dicts: ``image`` uint8 (3,H,W), ``depth`` float32 (1,H,W) metres (0 = no ground truth),
-``ground`` float32 (1,H,W) flat-ground depth (0 = no ground), ``slope`` int64 (1,H,W) slope class
+``ground`` float32 (1,H,W) flat-ground depth (0 = no ground), ``ground_inv`` float32 (1,H,W) ``1/G`` of the
+unclipped plane (negative above the horizon; what the adaptive ground bends), ``slope`` int64 (1,H,W) slope class
 (255 = ignore), computed from depth and ground before any augmentation (as GEDepth precomputes it).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from densefuse.data.io import read_image
 from densefuse.errors import DataError
 
-from .geometry import Camera, ground_depth, pitched_normal, read_kitti_calib, slope_targets
+from .geometry import Camera, ground_depth, inverse_ground, pitched_normal, read_kitti_calib, slope_targets
 
 PathLike = Union[str, Path]
 Transform = Optional[Callable[[dict], dict]]
@@ -131,8 +132,9 @@ class SyntheticRoad(Dataset):
         depth = torch.where(lidar, depth, torch.zeros_like(depth)).float()[None]
         n = pitched_normal(pitch)
         gmap = ground_depth(self.K, n, h, (H, W))[None]
-        return {"image": image, "depth": depth, "ground": gmap,
-                "slope": slope_targets(depth, gmap, self.camera_height)}
+        inv = inverse_ground(self.K, n, h, (H, W))[None]
+        return {"image": image, "depth": depth, "ground": gmap, "ground_inv": inv,
+                "slope": slope_targets(depth, inv, self.camera_height)}
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample = self.render(index)
@@ -206,17 +208,19 @@ class KittiEigen(Dataset):
                     raise DataError(f"{kind} file not found: {f} (listed in {split_file})")
             self.items.append((img, gt, Path(img_rel).parts[0]))
         self.cameras = {date: read_kitti_calib(self.raw_root / date, lidar_plane) for date in {d for *_, d in self.items}}
-        self._ground: dict[tuple[str, int, int], Tensor] = {}
+        self._ground: dict[tuple[str, int, int], tuple[Tensor, Tensor]] = {}
         self.crop = KBCrop(keys or {}, kb_crop) if kb_crop else None
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def ground(self, date: str, size: tuple[int, int]) -> Tensor:
+    def ground(self, date: str, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The clipped ground depth and the unclipped ``1/G`` of ``date``'s camera, (1,H,W) each (cached)."""
         key = (date, *size)
         if key not in self._ground:
-            self._ground[key] = self.cameras[date].ground(size)[None]
+            cam = self.cameras[date]
+            self._ground[key] = (cam.ground(size)[None], cam.inverse_ground(size)[None])
         return self._ground[key]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
@@ -226,9 +230,9 @@ class KittiEigen(Dataset):
         if image.shape[-2:] != depth.shape[-2:]:
             raise DataError(f"image {img_path} is {tuple(image.shape[-2:])} but its depth {gt_path} is "
                             f"{tuple(depth.shape[-2:])} (H, W)")
-        ground = self.ground(date, tuple(image.shape[-2:]))
-        sample = {"image": image, "depth": depth, "ground": ground,
-                  "slope": slope_targets(depth, ground, self.camera_height)}
+        ground, inv = self.ground(date, tuple(image.shape[-2:]))
+        sample = {"image": image, "depth": depth, "ground": ground, "ground_inv": inv,
+                  "slope": slope_targets(depth, inv, self.camera_height)}
         if self.crop is not None:
             sample = self.crop(sample)
         return self.transform(sample) if self.transform is not None else sample

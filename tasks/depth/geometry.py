@@ -5,7 +5,8 @@ plane. For a camera with intrinsics ``K``, unit ground normal ``n`` (camera coor
 down) and the plane ``height`` metres below the camera centre,
 ``G(u, v) = height / (n . K^-1 [u, v, 1]^T)`` (the ray ``K^-1 [u, v, 1]`` has z = 1, so G is the
 z-depth). Pixels whose ray never meets the plane (G <= 0, above the horizon) or meets it beyond
-``max_depth`` (200 m) get 0. Everything here is computed on the fly: no precomputed files.
+``max_depth`` (200 m) get 0 in that input channel; the adaptive ground bends the unclipped plane,
+kept as its finite inverse ``1/G`` (:func:`inverse_ground`). Everything here is computed on the fly: no precomputed files.
 """
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ PathLike = Union[str, Path]
 GROUND_MAX_DEPTH = 200.0
 
 
+def inverse_ground(K: Tensor, normal: Union[Tensor, Sequence[float]], height: float, size: Sequence[int]) -> Tensor:
+    """``1/G`` of the unclipped ground plane ``(H, W)`` float32, 1/metres: ``n . K^-1 [u, v, 1] / height``.
+
+    Finite everywhere and affine in ``(u, v)``, so resizing, rotating or flipping it with bilinear
+    sampling stays exact. Negative above the horizon (the ray meets the plane behind the camera): this
+    is GEDepth's unclipped ``pe_165`` map in the finite ``1/G`` form, which the adaptive ground bends
+    (:func:`adapt_ground`); the clipped :func:`ground_depth` is only the network's input channel.
+    """
+    K = torch.as_tensor(K, dtype=torch.float64).reshape(3, 3)
+    n = torch.as_tensor(normal, dtype=torch.float64).reshape(3)
+    H, W = int(size[0]), int(size[1])
+    # n . K^-1 [u, v, 1] is affine in (u, v): precompute its three coefficients
+    a = n @ torch.linalg.inv(K)
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    return ((a[0] * u + a[1] * v + a[2]) / float(height)).float()
+
+
 def ground_depth(K: Tensor, normal: Union[Tensor, Sequence[float]], height: float, size: Sequence[int],
                  max_depth: float = GROUND_MAX_DEPTH) -> Tensor:
     """Ground-plane depth ``(H, W)`` float32 in metres; 0 where the ray misses the plane or G > max_depth.
@@ -37,7 +55,6 @@ def ground_depth(K: Tensor, normal: Union[Tensor, Sequence[float]], height: floa
     K = torch.as_tensor(K, dtype=torch.float64).reshape(3, 3)
     n = torch.as_tensor(normal, dtype=torch.float64).reshape(3)
     H, W = int(size[0]), int(size[1])
-    # n . K^-1 [u, v, 1] is affine in (u, v): precompute its three coefficients
     a = n @ torch.linalg.inv(K)
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
     denom = a[0] * u + a[1] * v + a[2]
@@ -62,6 +79,10 @@ class Camera(NamedTuple):
 
     def ground(self, size: Sequence[int], max_depth: float = GROUND_MAX_DEPTH) -> Tensor:
         return ground_depth(self.K, self.normal, self.height, size, max_depth)
+
+    def inverse_ground(self, size: Sequence[int]) -> Tensor:
+        """``1/G`` of the unclipped plane (:func:`inverse_ground`)."""
+        return inverse_ground(self.K, self.normal, self.height, size)
 
 
 def _read_calib_lines(path: Path) -> dict[str, list[float]]:
@@ -129,26 +150,28 @@ def slope_bins(num_bins: int = 11, max_deg: float = 5.0) -> Tensor:
     return torch.linspace(-max_deg, max_deg, num_bins)
 
 
-def adapt_ground(ground: Tensor, slope_deg: Tensor, height: float, max_depth: float = GROUND_MAX_DEPTH) -> Tensor:
+def adapt_ground(inv_ground: Tensor, slope_deg: Tensor, height: float, max_depth: float = GROUND_MAX_DEPTH) -> Tensor:
     """Ground depth bent by a slope: ``1/G_a = 1/G + tan(theta)/h``, kept where ``0 < G_a <= max_depth``.
 
-    ``ground`` holds 0 where the flat plane is not seen; there ``1/G`` is taken as 0 (the horizon),
-    so an uphill slope can still give ground depth just above the flat horizon.
+    ``inv_ground`` is ``1/G`` of the *unclipped* plane (:func:`inverse_ground`; negative above the
+    horizon), as GEDepth bends its unclipped ``pe_165`` map (``-h / (-h/G - tan(theta))``): above the
+    horizon only the thin band where an uphill slope brings the plane back in front of the camera gets
+    ground depth, never the whole sky.
     """
-    inv = torch.where(ground > 0, 1.0 / ground.clamp_min(1e-6), torch.zeros_like(ground))
-    inv_a = inv + torch.tan(torch.deg2rad(slope_deg)) / height
+    inv_a = inv_ground + torch.tan(torch.deg2rad(slope_deg)) / height
     g = 1.0 / inv_a.where(inv_a > 0, torch.ones_like(inv_a))
     return torch.where((inv_a > 0) & (g <= max_depth), g, torch.zeros_like(g))
 
 
-def slope_targets(depth: Tensor, ground: Tensor, height: float, num_bins: int = 11, max_deg: float = 5.0,
+def slope_targets(depth: Tensor, inv_ground: Tensor, height: float, num_bins: int = 11, max_deg: float = 5.0,
                   ignore_index: int = 255) -> Tensor:
     """Slope class per pixel from ground-truth depth (GEDepth):
     ``round(deg(arctan(h (1/gt - 1/G))))`` clipped to ``[-max_deg, max_deg]``, as a class index
-    ``0..num_bins-1``; ``ignore_index`` where there is no ground truth (depth 0). Same shape, int64."""
+    ``0..num_bins-1``; ``ignore_index`` where there is no ground truth (depth 0). ``inv_ground`` is
+    ``1/G`` of the unclipped plane (:func:`inverse_ground`), the inverse of :func:`adapt_ground`.
+    Same shape, int64."""
     step = 2 * max_deg / (num_bins - 1)
-    inv_g = torch.where(ground > 0, 1.0 / ground.clamp_min(1e-6), torch.zeros_like(ground))
     inv_d = 1.0 / depth.clamp_min(1e-6)
-    theta = torch.rad2deg(torch.atan(height * (inv_d - inv_g)))
+    theta = torch.rad2deg(torch.atan(height * (inv_d - inv_ground)))
     cls = torch.round(theta.clamp(-max_deg, max_deg) / step).long() + (num_bins - 1) // 2
     return torch.where(depth > 0, cls, torch.full_like(cls, ignore_index))

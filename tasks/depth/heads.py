@@ -41,7 +41,7 @@ class DenseDepthHead(nn.Module):
         widths = [int(c) for c in (widths or in_channels)]
         if len(widths) != len(in_channels):
             raise ValueError(f"widths has {len(widths)} entries but the encoder gives {len(in_channels)} levels")
-        self.in_channels, self.widths = in_channels, widths
+        self.in_channels, self.widths, self.negative_slope = in_channels, widths, float(negative_slope)
         self.bottleneck = nn.Conv2d(in_channels[-1], widths[-1], 1)
         self.fusions = nn.ModuleList()
         prev = widths[-1]
