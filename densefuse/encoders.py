@@ -4,7 +4,9 @@ Besides any timm name, the encoders of the paper's tables are available under mm
 (:data:`PAPER_ENCODERS`: ``swin-t``, ``twins-svt-s``, ``convnext-t``, ``r101-d8``, ...). They set the timm
 model, the recipe's drop_path, the valid feature levels and mmseg's per-output norms (Swin ``norm0-3``,
 Twins ``norm_after_stage``, ConvNeXt LayerNorm2d): without those norms the heads see raw features whose
-scale differs from mmseg's, which changes the very disequilibrium the equalizer corrects.
+scale differs from mmseg's, which changes the very disequilibrium the equalizer corrects. They take any
+input size and treat the borders as mmseg 1.2.2 does: Swin and Twins pad to whole patches and windows at the
+bottom and right (token grids round up), ConvNeXt and ResNet-D8 are timm's, whose grids already equal mmseg's.
 """
 from __future__ import annotations
 
