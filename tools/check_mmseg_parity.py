@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    columns = ["row", "size", "params_mmseg", "params_densefuse", "logit_max_abs_diff", "logit_max_abs",
+               "argmax_agreement", "backbone_levels", "backbone_grids", "backbone_max_abs_diff",
+               "backbone_level_diffs", "mmseg_config"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for row in rows:  # one row at a time: the larger segmentors' files take hundreds of MB each
         with tempfile.TemporaryDirectory() as tmp:
@@ -216,12 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(res)
                 print(f"{row} {res['size']}: max |logit diff| {res['logit_max_abs_diff']:.3g}, argmax agreement "
                       f"{100 * res['argmax_agreement']:.2f} %", file=sys.stderr, flush=True)
-    df = pd.DataFrame(results)
-    df = df[["row", "size", "params_mmseg", "params_densefuse", "logit_max_abs_diff", "logit_max_abs",
-             "argmax_agreement", "backbone_levels", "backbone_grids", "backbone_max_abs_diff",
-             "backbone_level_diffs", "mmseg_config"]]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, index=False)
+        df = pd.DataFrame(results)[columns]
+        df.to_csv(args.out, index=False)  # after every row: a long run's finished rows are kept
     print(f"# mmseg 1.2.2 checkpoints -> densefuse, random init, {args.num_classes} classes, inputs "
           f"{' '.join(f'{h}x{w}' for h, w in sizes)}, {platform.machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
