@@ -4,7 +4,9 @@ Besides any timm name, the encoders of the paper's tables are available under mm
 (:data:`PAPER_ENCODERS`: ``swin-t``, ``twins-svt-s``, ``convnext-t``, ``r101-d8``, ...). They set the timm
 model, the recipe's drop_path, the valid feature levels and mmseg's per-output norms (Swin ``norm0-3``,
 Twins ``norm_after_stage``, ConvNeXt LayerNorm2d): without those norms the heads see raw features whose
-scale differs from mmseg's, which changes the very disequilibrium the equalizer corrects.
+scale differs from mmseg's, which changes the very disequilibrium the equalizer corrects. They take any
+input size and treat the borders as mmseg 1.2.2 does: Swin and Twins pad to whole patches and windows at the
+bottom and right (token grids round up), ConvNeXt and ResNet-D8 are timm's, whose grids already equal mmseg's.
 """
 from __future__ import annotations
 
@@ -287,10 +289,12 @@ class TimmEncoder(nn.Module):
         self.out_norms = OutputNorms(self.channels, eps) if out_norm == "ln" else None
         if spec is not None and self.family in ("swin", "twins"):
             use_mmseg_windows(self.model, self.family)
+            use_mmseg_patch_padding(self.model, self.family)
         # mmseg's Twins applies ``norm_after_stage`` inside the backbone: the normed map feeds the next stage
         # (Swin's and ConvNeXt's output norms only touch the outputs). One norm per stage, as mmseg's norm_list.
-        self._inline_norms = self.out_norms is not None and self.family == "twins"
-        if self._inline_norms:
+        # The paper's Twins also runs its stages here for mmseg's corner padding of every patch embedding.
+        self._twins_stages = spec is not None and self.family == "twins"
+        if self._twins_stages and self.out_norms is not None:
             self.out_norms = OutputNorms(list(self.model.model.embed_dims), eps)
         self._out_indices = out_indices
         if weights is not None:
@@ -302,7 +306,7 @@ class TimmEncoder(nn.Module):
                 raise ConfigError(f"model.encoder.pretrained: {e}") from None
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        if self._inline_norms:
+        if self._twins_stages:
             return self._twins_forward(x)
         feats = self.model(x)
         if self._nhwc:
@@ -314,13 +318,16 @@ class TimmEncoder(nn.Module):
 
 
     def _twins_forward(self, x: Tensor) -> list[Tensor]:
-        """timm Twins' stages with mmseg's ``norm_after_stage``: each stage's map is normed before the next."""
+        """timm Twins' stages as mmseg's ``SVT`` runs them: every patch embedding pads its input at the bottom
+        and right to whole patches (mmseg's ``padding='corner'``: token grids round up, timm's round down), and
+        with ``norm_after_stage`` each stage's map is normed before the next."""
         net = self.model.model
         take = {i % len(net.blocks) for i in self._out_indices}
+        norms = self.out_norms if self.out_norms is not None else [nn.Identity()] * len(net.blocks)
         feats = []
-        stages = zip(net.patch_embeds, net.pos_drops, net.blocks, net.pos_block, self.out_norms)
+        stages = zip(net.patch_embeds, net.pos_drops, net.blocks, net.pos_block, norms)
         for i, (embed, drop, blocks, pos_block, norm) in enumerate(stages):
-            x, size = embed(x)
+            x, size = embed(pad_corner(x, embed.patch_size))
             x = drop(x)
             for j, block in enumerate(blocks):
                 x = block(x, size)
@@ -330,6 +337,32 @@ class TimmEncoder(nn.Module):
             if i in take:
                 feats.append(x)
         return feats
+
+
+def pad_corner(x: Tensor, multiple: Sequence[int]) -> Tensor:
+    """Zero-pad an NCHW map at the bottom and right to whole multiples of ``multiple`` (h, w): mmseg's
+    ``AdaptivePadding(padding='corner')`` for a kernel equal to its stride, so the token grid is ``ceil(H / p)``."""
+    pad_h, pad_w = -x.shape[-2] % multiple[0], -x.shape[-1] % multiple[1]
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def use_mmseg_patch_padding(model: nn.Module, family: str) -> int:
+    """Make a timm Swin accept any input size as mmseg's Swin does; returns how many modules changed.
+
+    mmseg's Swin pads the image at the bottom and right to whole 4x4 patches (``PatchEmbed`` with
+    ``padding='corner'``) and every patch merging pads an odd map to even the same way; timm's patch merging
+    already pads so, and its patch embedding does with ``dynamic_img_pad`` (off in timm's Swin, which asserts
+    instead). The Twins patch embeddings are padded in :meth:`TimmEncoder._twins_forward`. No parameter changes.
+    """
+    from timm.layers import PatchEmbed
+
+    changed = 0
+    if family == "swin":
+        for module in model.modules():
+            if isinstance(module, PatchEmbed):
+                module.dynamic_img_pad = True
+                changed += 1
+    return changed
 
 
 def _swin_shift_mask(hp: int, wp: int, ws: int, shift: int, device: torch.device) -> Tensor:

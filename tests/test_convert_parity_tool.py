@@ -35,10 +35,15 @@ def test_parity_check_reads_mmseg_layout_files(tmp_path):
     torch.save({"meta": {}, "state_dict": mm}, tmp_path / "0_segmentor.pth")
     torch.save({k[len("backbone."):]: v for k, v in mm.items() if k.startswith("backbone.")},
                tmp_path / "0_backbone.pth")
-    x = torch.randn(1, 3, 48, 64)
-    with torch.no_grad():
-        torch.save({"input": x, "logits": src(x)["out"], "feats": src.encoder(x)}, tmp_path / "0_io.pth")
-    res = tool.check_row(row, "0", tmp_path, 3)
-    assert res["argmax_agreement"] == 1.0
-    assert res["logit_max_abs_diff"] < 1e-4 and res["backbone_max_abs_diff"] < 1e-4
-    assert res["backbone_levels"] == "4/4"
+    sizes = [(48, 64), (47, 65)]  # one file per size; the odd one as the padding checks run it
+    for h, w in sizes:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            torch.save({"input": x, "logits": src(x)["out"], "feats": src.encoder(x)}, tmp_path / f"0_{h}x{w}_io.pth")
+    results = tool.check_row(row, "0", tmp_path, 3, sizes)
+    assert [r["size"] for r in results] == ["48x64", "47x65"]
+    for res in results:
+        assert res["argmax_agreement"] == 1.0
+        assert res["logit_max_abs_diff"] < 1e-4 and res["backbone_max_abs_diff"] < 1e-4
+        assert res["backbone_levels"] == "4/4"
+    assert results[1]["backbone_grids"] == "12x17 6x9 6x9 6x9"  # stride 4, then 8 (D8)
