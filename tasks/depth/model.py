@@ -106,18 +106,6 @@ def expand_input_conv(module: nn.Module, extra: int = 1) -> nn.Conv2d:
     raise ConfigError("the encoder has no 3-channel input conv to add the ground-depth channel to")
 
 
-def pad_to_patches(x: Tensor, encoder: TimmEncoder) -> Tensor:
-    """Zero-pad the bottom and right of a Swin encoder's input to whole 4x4 patches, as GEDepth's patch
-    embedding does (``pad_to_patch_size``); timm's Swin refuses other sizes. Other encoders take any size."""
-    if getattr(encoder, "family", "") != "swin":
-        return x
-    p = int(encoder.strides[0])
-    h, w = x.shape[-2:]
-    if h % p == 0 and w % p == 0:
-        return x
-    return F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
-
-
 class GEDepth(nn.Module):
     """Depth ``D = (1 - y) * R + y * G + min_depth`` (GEDepth); ``ground_embedding="none"`` gives plain
     DenseDepth, ``D = R + min_depth``.
@@ -182,7 +170,7 @@ class GEDepth(nn.Module):
                 raise ValueError("this depth model needs the ground depth map (ground_embedding is "
                                  f"'{self.ground_embedding}')")
             x = torch.cat([image, ground.to(image.dtype) / GROUND_MAX_DEPTH], dim=1)
-        feats = self.encoder(pad_to_patches(x, self.encoder))
+        feats = self.encoder(x)
         if self.stem is not None:
             feats = [self.stem(image)] + feats
         if self.neck is not None:
