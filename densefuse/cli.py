@@ -443,13 +443,26 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
-    """Image files named or found (not recursively) in the named folders, each once."""
+#: ``predict --max-pixels`` default: 100 megapixels (a decoded RGB image of 300 MB, its float copy 1.2 GB)
+MAX_PIXELS = 100_000_000
+
+
+def _image_paths(inputs: tuple[str, ...], exclude: Optional[Path] = None) -> tuple[list[Path], list[Path]]:
+    """(image files named or found in the named folders and their subfolders, each once; the files of
+    those folders that were skipped as not images). Suffixes match in any case (``.JPG``); files under
+    ``exclude`` (the output folder) are not inputs."""
     paths: list[Path] = []
+    skipped: list[Path] = []
+    skip_root = exclude.resolve() if exclude is not None else None
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            for q in sorted(p.rglob("*")):
+                if not q.is_file() or any(part.startswith(".") for part in q.relative_to(p).parts):
+                    continue
+                if skip_root is not None and skip_root in q.resolve().parents:
+                    continue
+                (paths if q.suffix.lower() in IMAGE_SUFFIXES else skipped).append(q)
         elif p.is_file():
             paths.append(p)
         else:
@@ -457,7 +470,31 @@ def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
     if not paths:
         raise DataError(f"no input images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(inputs)}")
     unique = list({q.resolve(): q for q in paths}.values())
-    return unique
+    return unique, skipped
+
+
+def _skipped_line(skipped: list[Path]) -> str:
+    """One line naming what a folder walk left out: counts by suffix and the first few files."""
+    by_suffix: dict[str, int] = {}
+    for q in skipped:
+        key = q.suffix.lower() or "(no suffix)"
+        by_suffix[key] = by_suffix.get(key, 0) + 1
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(by_suffix.items()))
+    shown = ", ".join(str(q) for q in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that are not images predict reads "
+            f"({kinds}): {shown}")
+
+
+def check_pixels(paths: list[Path], max_pixels: int) -> None:
+    """Every image's declared size (header only) within ``max_pixels``, before any image is decoded."""
+    from .data.io import image_size
+
+    for p in paths:
+        h, w = image_size(p)
+        if h * w > max_pixels:
+            raise DataError(f"{p} declares {w}x{h} pixels ({h * w / 1e6:.1f} megapixels), more than --max-pixels "
+                            f"{max_pixels}; decoding it needs about {h * w * 15 / 2**30:.1f} GiB (uint8 and float "
+                            f"copies): pass a larger --max-pixels if this machine has the memory")
 
 
 def output_stems(paths: list[Path]) -> list[Path]:
@@ -489,11 +526,15 @@ def output_stems(paths: list[Path]) -> list[Path]:
 @config_opt
 @set_opt
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the outputs.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+              help="Refuse an image whose header declares more pixels than this (checked before decoding).")
 @_friendly
 def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str], overrides: tuple[str, ...],
-                out_dir: str) -> None:
-    """Predict on image files or folders; the task writes each image's files (seg: <name>.png, a palette
-    PNG of class ids, and <name>_vis.png). Names mirror the inputs' folders; nothing is overwritten."""
+                out_dir: str, max_pixels: int) -> None:
+    """Predict on image files or folders (and their subfolders); the task writes each image's files (seg:
+    <name>.png, a palette PNG of class ids, and <name>_vis.png) after the evaluation's test pipeline (test
+    Resize, whole/slide, TTA), at the image's own size. Names mirror the inputs' folders; nothing is
+    overwritten."""
     import shutil
     import tempfile
 
@@ -502,8 +543,11 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
     from .data.io import read_image
     from .engine.evaluate import infer_outputs
 
-    paths = _image_paths(inputs)
+    paths, skipped = _image_paths(inputs, exclude=Path(out_dir))
     stems = output_stems(paths)
+    check_pixels(paths, max_pixels)
+    if skipped:
+        click.echo(_skipped_line(skipped))
     check_writable(Path(out_dir), f"--out {out_dir}")
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     model.eval()
