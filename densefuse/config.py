@@ -677,9 +677,21 @@ def from_dict(
     _check_model_type(cfg, origin)
     _check_heads(cfg, inherited, written_all, origin)
     _check_sections(cfg, origin)
+    _reset_switched_eval_batch(cfg, inherited, written_all)
     out = _wrap(cfg)
     _validate_task(task, out, _switched_dataset_keys(cfg, inherited, written_all), origin)
     return out
+
+
+def _reset_switched_eval_batch(cfg: dict, inherited: Mapping[str, Any], written: set[str]) -> None:
+    """A ``_base_``'s ``eval.batch_size`` was chosen for its own dataset (the synthetic base batches its
+    same-size images by 8): when the top file or ``--set`` switches ``data.type`` and the user did not write
+    ``eval.batch_size``, it goes back to the default 1, which evaluates images of any size."""
+    base = _get(inherited, "data") or {}
+    if base.get("type") is None or base.get("type") == cfg["data"]["type"] or "eval.batch_size" in written:
+        return
+    if (_get(inherited, "eval") or {}).get("batch_size") is not None:
+        cfg["eval"]["batch_size"] = DEFAULTS["eval"]["batch_size"]
 
 
 def _switched_dataset_keys(cfg: Mapping[str, Any], inherited: Mapping[str, Any], written: set[str]) -> set[str]:
