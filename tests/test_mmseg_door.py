@@ -176,3 +176,10 @@ def test_a_malicious_pickle_is_still_refused_and_nothing_runs(tmp_path, monkeypa
             line = assert_user_error(cli(*args), path.name)
             assert "\x1b" not in line  # no terminal colour codes from torch's message
     assert not (tmp_path / "pwned.txt").exists() and not (tmp_path / "c.pth").exists()
+
+
+def test_convert_of_a_densefuse_checkpoint_is_refused(paper_run, tmp_path):
+    _, _, ckpt, _, _ = paper_run
+    assert_user_error(cli("convert", ckpt, "--config", PAPER, "--out", tmp_path / "x.pth"),
+                      "is not an mmseg checkpoint", "needs no conversion")
+    assert not (tmp_path / "x.pth").exists()
