@@ -1,6 +1,7 @@
 """``train`` runs the evaluation path once on the hardest validation samples before its first step: a
 setting or model that cannot evaluate is one line, exit 2, before the run directory exists."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -93,6 +94,7 @@ def test_a_model_that_cannot_run_at_an_odd_size_stops_before_the_first_step(tmp_
     assert not steps and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # two short training runs
 def test_the_preflight_leaves_the_run_as_it_was(tmp_path, monkeypatch):
     """Equalizer modes and every RNG state are restored: the run ends with the weights it has without the check."""
     import densefuse.engine.trainer as trainer
