@@ -1,4 +1,4 @@
-"""``densefuse`` command line: train, eval, calibrate, inspect, predict, compare.
+"""``densefuse`` command line: train, eval, calibrate, inspect, predict, convert, compare.
 
 User errors (bad config, missing files, bad data) print one ``error: ...`` line and exit 2.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -13,6 +14,13 @@ from typing import Any, Callable, Optional
 import click
 
 from .errors import ConfigError, DataError, DensefuseError
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour/control sequences (PyTorch colours parts of its load errors)."""
+    return _ANSI.sub("", text)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,7 +36,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except DensefuseError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {strip_ansi(str(e))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -158,24 +166,77 @@ def _to_device(batch: Any, device: Any) -> dict[str, Any]:
 task_opt = click.option("--task", "-t", default=None, help="Task whose default config to use when --config is not given (seg).")
 
 
-def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
-    """(cfg, task, model, device) for a checkpoint; its embedded config unless ``--config`` is given."""
-    from .config import from_dict
-    from .engine.checkpoint import load_checkpoint, load_model_state
-    from .tasks import get_task
+def _read_checkpoint(checkpoint: str) -> tuple[dict[str, Any], bool]:
+    """``(state, from_mmseg)``: a densefuse checkpoint as written, or an mmseg one (its ``state_dict``
+    tensors only, read by :func:`densefuse.convert.read_mmseg_checkpoint`, which runs nothing from the file:
+    mmseg 1.x training runs pickle mmengine and numpy objects that a weights-only load refuses)."""
+    from .convert import is_mmseg_layout, mmseg_tensors, read_mmseg_checkpoint
+    from .engine.checkpoint import load_checkpoint
 
-    state = load_checkpoint(checkpoint)
+    try:
+        state = load_checkpoint(checkpoint)
+    except DensefuseError as refused:
+        if not Path(checkpoint).is_file():
+            raise
+        try:
+            sd = read_mmseg_checkpoint(checkpoint)
+        except Exception:  # noqa: BLE001 - not an mmseg training checkpoint either: the weights-only reason stands
+            raise refused from None
+        if sd is None:
+            raise refused from None
+        return {"state_dict": sd}, True
+    if is_mmseg_layout(state):
+        return {"state_dict": mmseg_tensors(state)}, True
+    return state, False
+
+
+def _checkpoint_config(checkpoint: str, config: Optional[str], overrides: tuple[str, ...],
+                       state: dict[str, Any], from_mmseg: bool) -> Any:
+    """The config to build a checkpoint's model from: the checkpoint's own (embedded) config unless
+    ``--config`` is given; an mmseg checkpoint needs ``--config`` and runs with ``model.equalizer.mode: off``
+    (its weights are a plain network)."""
+    from .config import from_dict
+
     if config is None:
+        if from_mmseg:
+            raise DensefuseError(f"{checkpoint} is an mmseg checkpoint: pass --config with the densefuse config of "
+                                 f"its model (docs/paper.md, 'Coming from mmseg')")
         if "config" not in state:
             raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
         cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
         _validate(cfg, weights=False)
     else:
         cfg = _load(config, overrides, weights=False)
+    cfg = _without_pretrained(cfg)
+    if from_mmseg:
+        cfg["model"]["equalizer"]["mode"] = "off"
+    return cfg
+
+
+def _load_weights(model: Any, checkpoint: str, state: dict[str, Any], from_mmseg: bool) -> None:
+    """Load a checkpoint read by :func:`_read_checkpoint` into ``model``; an mmseg one is converted, saying so."""
+    from .convert import convert_mmseg_segmentor
+    from .engine.checkpoint import load_model_state
+
+    if not from_mmseg:
+        load_model_state(model, state, checkpoint)
+        return
+    converted = convert_mmseg_segmentor(state["state_dict"], model, checkpoint)
+    model.load_state_dict(converted, strict=False)
+    click.echo(f"{checkpoint}: mmseg checkpoint, converted to densefuse ({len(state['state_dict'])} tensors; "
+               f"model.equalizer.mode off)")
+
+
+def _checkpoint_model(checkpoint: str, config: Optional[str], overrides: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
+    """(cfg, task, model, device) for a checkpoint; its embedded config unless ``--config`` is given."""
+    from .tasks import get_task
+
+    state, from_mmseg = _read_checkpoint(checkpoint)
+    cfg = _checkpoint_config(checkpoint, config, overrides, state, from_mmseg)
     task = get_task(cfg["task"], cfg)
     device = _resolve_device(cfg["device"])
-    model = task.build_model(_without_pretrained(cfg)).to(device)
-    load_model_state(model, state, checkpoint)
+    model = task.build_model(cfg).to(device)
+    _load_weights(model, checkpoint, state, from_mmseg)
     return cfg, task, model, device
 
 
@@ -344,13 +405,14 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
 def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], checkpoint: Optional[str],
                 num_images: Optional[int], out: Optional[str]) -> None:
     """Per fusion site, the std of every concat subject before and after equalization (table + PNG)."""
-    from .engine.checkpoint import load_checkpoint, load_model_state
     from .equalizer import calibrate, equalizers, measure
     from .report import plot_inspection
 
-    cfg = _load(config, overrides, task, weights=checkpoint is None)
-    if checkpoint:
-        cfg = _without_pretrained(cfg)
+    if checkpoint:  # built from the checkpoint's own config (a depth run's, ...) unless --config is given
+        state, from_mmseg = _read_checkpoint(checkpoint)
+        cfg = _checkpoint_config(checkpoint, config, overrides, state, from_mmseg)
+    else:
+        cfg = _load(config, overrides, task)
     out_dir = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"inspect-{_stamp()}"
     for name in ("inspect.csv", "inspect.png"):
         _refuse_overwrite(str(out_dir / name))
@@ -358,7 +420,7 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
     _check_num_images(num_images)
     task_obj, model, batches, n = _model_and_data(cfg, num_images)
     if checkpoint:
-        load_model_state(model, load_checkpoint(checkpoint), checkpoint)
+        _load_weights(model, checkpoint, state, from_mmseg)
     eqs = [eq for _, eq in equalizers(model)]
     if not all(eq._is_calibrated for eq in eqs):
         calibrate(model, lambda: batches(cfg["seed"]), num_images=n, forward=task_obj.forward)
@@ -381,13 +443,26 @@ def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
-    """Image files named or found (not recursively) in the named folders, each once."""
+#: ``predict --max-pixels`` default: 100 megapixels (a decoded RGB image of 300 MB, its float copy 1.2 GB)
+MAX_PIXELS = 100_000_000
+
+
+def _image_paths(inputs: tuple[str, ...], exclude: Optional[Path] = None) -> tuple[list[Path], list[Path]]:
+    """(image files named or found in the named folders and their subfolders, each once; the files of
+    those folders that were skipped as not images). Suffixes match in any case (``.JPG``); files under
+    ``exclude`` (the output folder) are not inputs."""
     paths: list[Path] = []
+    skipped: list[Path] = []
+    skip_root = exclude.resolve() if exclude is not None else None
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            for q in sorted(p.rglob("*")):
+                if not q.is_file() or any(part.startswith(".") for part in q.relative_to(p).parts):
+                    continue
+                if skip_root is not None and skip_root in q.resolve().parents:
+                    continue
+                (paths if q.suffix.lower() in IMAGE_SUFFIXES else skipped).append(q)
         elif p.is_file():
             paths.append(p)
         else:
@@ -395,7 +470,31 @@ def _image_paths(inputs: tuple[str, ...]) -> list[Path]:
     if not paths:
         raise DataError(f"no input images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(inputs)}")
     unique = list({q.resolve(): q for q in paths}.values())
-    return unique
+    return unique, skipped
+
+
+def _skipped_line(skipped: list[Path]) -> str:
+    """One line naming what a folder walk left out: counts by suffix and the first few files."""
+    by_suffix: dict[str, int] = {}
+    for q in skipped:
+        key = q.suffix.lower() or "(no suffix)"
+        by_suffix[key] = by_suffix.get(key, 0) + 1
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(by_suffix.items()))
+    shown = ", ".join(str(q) for q in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that are not images predict reads "
+            f"({kinds}): {shown}")
+
+
+def check_pixels(paths: list[Path], max_pixels: int) -> None:
+    """Every image's declared size (header only) within ``max_pixels``, before any image is decoded."""
+    from .data.io import image_size
+
+    for p in paths:
+        h, w = image_size(p)
+        if h * w > max_pixels:
+            raise DataError(f"{p} declares {w}x{h} pixels ({h * w / 1e6:.1f} megapixels), more than --max-pixels "
+                            f"{max_pixels}; decoding it needs about {h * w * 15 / 2**30:.1f} GiB (uint8 and float "
+                            f"copies): pass a larger --max-pixels if this machine has the memory")
 
 
 def output_stems(paths: list[Path]) -> list[Path]:
@@ -430,11 +529,15 @@ def output_stems(paths: list[Path]) -> list[Path]:
 @click.option("--calib", type=click.Path(exists=True, file_okay=False), default=None,
               help="Depth: a KITTI raw date folder (calib_cam_to_cam.txt, calib_velo_to_cam.txt) for the ground "
                    "embedding; KITTI-trained models also find it in a raw tree and KB-crop the images.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+              help="Refuse an image whose header declares more pixels than this (checked before decoding).")
 @_friendly
 def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str], overrides: tuple[str, ...],
-                out_dir: str, calib: Optional[str]) -> None:
-    """Predict on image files or folders; the task writes each image's files (seg: <name>.png, a palette
-    PNG of class ids, and <name>_vis.png). Names mirror the inputs' folders; nothing is overwritten."""
+                out_dir: str, calib: Optional[str], max_pixels: int) -> None:
+    """Predict on image files or folders (and their subfolders); the task writes each image's files (seg:
+    <name>.png, a palette PNG of class ids, and <name>_vis.png) after the evaluation's test pipeline (test
+    Resize, whole/slide, TTA), at the image's own size. Names mirror the inputs' folders; nothing is
+    overwritten."""
     import shutil
     import tempfile
 
@@ -443,8 +546,11 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
     from .data.io import read_image
     from .engine.evaluate import infer_outputs
 
-    paths = _image_paths(inputs)
+    paths, skipped = _image_paths(inputs, exclude=Path(out_dir))
     stems = output_stems(paths)
+    check_pixels(paths, max_pixels)
+    if skipped:
+        click.echo(_skipped_line(skipped))
     check_writable(Path(out_dir), f"--out {out_dir}")
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     prepare = getattr(task, "predict_sample", None)  # the task's per-image inputs (depth: KITTI calib, KB crop)
@@ -464,8 +570,9 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
             for path, stem in zip(paths, stems):
                 sample = prepare(read_image(path), path, calib) if prepare else {"image": read_image(path)}
                 image = sample["image"]
-                batch = transform(_to_device({k: v[None] for k, v in sample.items()}, device))
-                prediction = task.predict(infer_outputs(model, task, batch))  # eval.mode and eval.tta as eval
+                batch = transform(_to_device(_test_sample(task, cfg, sample), device))
+                # the evaluation's test pipeline, eval.mode and eval.tta; returned at the image's own size
+                prediction = task.predict(infer_outputs(model, task, batch))
                 (staging / stem).parent.mkdir(parents=True, exist_ok=True)
                 written += task.save_prediction(prediction[0].cpu(), staging / stem, image=image)
         targets = [out / p.relative_to(staging) for p in written]
@@ -481,6 +588,51 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
         raise
     shutil.rmtree(staging, ignore_errors=True)
     click.echo(f"wrote {len(targets)} files for {len(paths)} images to {out}")
+
+
+def _test_sample(task: Any, cfg: Any, sample: dict[str, Any]) -> dict[str, Any]:
+    """A batch of one sample (the image, plus what the task adds, e.g. depth's ground embedding) through the
+    task's per-sample test pipeline (what the evaluation dataset applies to its samples, e.g. the keep-ratio
+    test Resize recording ``ori_size``), collated."""
+    from torch.utils.data import default_collate
+
+    pipeline = task.test_pipeline(cfg)
+    if pipeline is not None:
+        sample = pipeline(sample)
+    return default_collate([sample])
+
+
+@main.command("convert")
+@click.argument("checkpoint")
+@config_opt
+@set_opt
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The densefuse checkpoint to write (.pth).")
+@_friendly
+def convert_cmd(checkpoint: str, config: Optional[str], overrides: tuple[str, ...], out: str) -> None:
+    """Convert an mmseg segmentor checkpoint (a model-zoo file or an mmseg 1.x training checkpoint) into a
+    densefuse checkpoint of the model --config describes; ``eval``/``predict``/``inspect`` then need no
+    --config. Nothing in the file is run: only the tensors of its state_dict are read."""
+    import torch
+
+    from .engine.checkpoint import save_checkpoint
+
+    if config is None:
+        raise ConfigError("convert needs --config: the densefuse config of the checkpoint's model "
+                          "(docs/paper.md, 'Coming from mmseg')")
+    check_out_file(out)
+    state, from_mmseg = _read_checkpoint(checkpoint)
+    if not from_mmseg:
+        raise DensefuseError(f"{checkpoint} is not an mmseg checkpoint (no state_dict of backbone.* / decode_head.* "
+                             f"tensors); a densefuse checkpoint needs no conversion")
+    cfg = _checkpoint_config(checkpoint, config, overrides, state, from_mmseg)
+    from .tasks import get_task
+
+    with torch.device("cpu"):
+        model = get_task(cfg["task"], cfg).build_model(cfg)
+    _load_weights(model, checkpoint, state, from_mmseg)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, {"model": model.state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg})
+    click.echo(f"wrote {out}")
 
 
 def _csv_list(value: str, kind: type, what: str) -> list:

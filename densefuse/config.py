@@ -139,6 +139,28 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping names one key twice: plain YAML keeps the last silently, so a config would not run what
+    it says (two top-level ``train:`` blocks once doubled a paper config's batch size)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<`` merges may override keys on purpose
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise DuplicateKeyError(
+                problem=f"duplicate key '{key}' (first at line {seen[key] + 1}; YAML would keep only the last)",
+                problem_mark=key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_mapping  # type: ignore[method-assign]
+
+
 def safe_load(text: Any) -> Any:
     """``yaml.safe_load`` with YAML 1.2 booleans (see :class:`_Loader`)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
@@ -216,6 +238,8 @@ def _read_yaml(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = safe_load(f)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -658,9 +682,21 @@ def from_dict(
     _check_model_type(cfg, origin)
     _check_heads(cfg, inherited, written_all, origin)
     _check_sections(cfg, origin)
+    _reset_switched_eval_batch(cfg, inherited, written_all)
     out = _wrap(cfg)
     _validate_task(task, out, _switched_dataset_keys(cfg, inherited, written_all), origin)
     return out
+
+
+def _reset_switched_eval_batch(cfg: dict, inherited: Mapping[str, Any], written: set[str]) -> None:
+    """A ``_base_``'s ``eval.batch_size`` was chosen for its own dataset (the synthetic base batches its
+    same-size images by 8): when the top file or ``--set`` switches ``data.type`` and the user did not write
+    ``eval.batch_size``, it goes back to the default 1, which evaluates images of any size."""
+    base = _get(inherited, "data") or {}
+    if base.get("type") is None or base.get("type") == cfg["data"]["type"] or "eval.batch_size" in written:
+        return
+    if (_get(inherited, "eval") or {}).get("batch_size") is not None:
+        cfg["eval"]["batch_size"] = DEFAULTS["eval"]["batch_size"]
 
 
 def _switched_dataset_keys(cfg: Mapping[str, Any], inherited: Mapping[str, Any], written: set[str]) -> set[str]:

@@ -16,6 +16,7 @@ Every key is accounted for: it is used, or it is a classifier / buffer key that 
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -460,3 +461,103 @@ def to_mmseg_state_dict(model: nn.Module) -> StateDict:
                 rest = old + rest[len(new):]
         out[f"{head}.{rest}"] = v
     return out
+
+
+# --- mmseg 1.x training checkpoints, read without running anything from the file ------------------------------
+
+#: Modules whose objects an mmseg/mmengine training checkpoint carries besides its weights (the message hub,
+#: history buffers, numpy arrays and scalars). Their globals become inert :class:`_Stub` objects.
+STUB_MODULES = ("mmengine", "mmseg", "mmcv", "mmpretrain", "mmdet", "numpy")
+
+#: Globals rebuilt for real: tensors and their storages (the weights), and plain containers.
+_REAL_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+    ("builtins", "bytearray"), ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1')
+}
+
+
+class _Stub:
+    """Stands for an object of a training framework densefuse does not import: takes its arguments and
+    state and does nothing with them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The file names a global that no checkpoint needs (``os.system``, ``builtins.eval``, ...)."""
+
+
+def _stub_class(module: str, name: str) -> type:
+    return type(name, (_Stub,), {"__module__": f"densefuse.stub.{module}"})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds tensors, storages and plain containers; globals of :data:`STUB_MODULES` become stubs; any
+    other global is refused before it could be called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import _compat_pickle
+
+        # protocol-2 files spell Python 3 names the Python 2 way (__builtin__, copy_reg)
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in _REAL_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in STUB_MODULES:
+            return _stub_class(module, name)
+        raise RefusedGlobal(f"refers to {module}.{name}, which no checkpoint needs")
+
+
+class _RestrictedPickle:
+    """The ``pickle_module`` given to ``torch.load``: its ``Unpickler`` and ``load`` are the restricted ones
+    (torch's zip reader subclasses ``Unpickler``; its legacy reader calls ``load``)."""
+
+    __name__ = "densefuse_restricted_pickle"
+    Unpickler = _RestrictedUnpickler
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def is_mmseg_layout(obj: Any) -> bool:
+    """An mmseg (mmengine) checkpoint: ``{'meta': ..., 'state_dict': {'backbone.*', 'decode_head.*', ...}}``."""
+    if not isinstance(obj, Mapping) or "model" in obj or not isinstance(obj.get("state_dict"), Mapping):
+        return False
+    keys = [str(k) for k in obj["state_dict"]]
+    return any(k.startswith("backbone.") for k in keys) and any(k.startswith("decode_head.") for k in keys)
+
+
+def mmseg_tensors(obj: Mapping[str, Any]) -> StateDict:
+    """The tensors of an mmseg checkpoint's ``state_dict`` (everything else in the file is left behind)."""
+    sd = obj["state_dict"]
+    out = {str(k): v for k, v in sd.items() if isinstance(v, Tensor)}
+    if out and all(k.startswith("module.") for k in out):
+        out = {k[len("module."):]: v for k, v in out.items()}
+    return out
+
+
+def read_mmseg_checkpoint(path: PathLike) -> Optional[StateDict]:
+    """The ``state_dict`` tensors of an mmseg checkpoint file, or None when the file is not one.
+
+    mmseg 1.x training runs pickle their ``message_hub``, optimizer and scheduler state with mmengine and
+    numpy objects, which ``weights_only=True`` refuses. This reader rebuilds only tensors and plain
+    containers; mmengine/mmseg/numpy objects become inert stubs; any other global (``os.system``,
+    ``builtins.eval``, ...) stops the read with :class:`RefusedGlobal` before anything is called.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = torch.load(Path(path), map_location="cpu", pickle_module=_RestrictedPickle,  # type: ignore[arg-type]
+                         weights_only=False)  # noqa: S614 - the restricted unpickler above, not pickle's
+    return mmseg_tensors(obj) if is_mmseg_layout(obj) else None

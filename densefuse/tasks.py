@@ -99,6 +99,12 @@ class Task(ABC):
         """Batch transform run on the training device after collation: for ``train`` the random
         augmentation (kornia), then conversion of the uint8 image to the normalized float input."""
 
+    def test_pipeline(self, cfg: Mapping[str, Any]) -> Optional[Callable[[dict], dict]]:
+        """The per-sample test-time transform of an evaluation sample (seg: mmseg's keep-ratio Resize,
+        which records ``ori_size``), or None. The evaluation dataset and ``densefuse predict`` both apply
+        it, so a prediction runs the pipeline its evaluation ran."""
+        return None
+
     @abstractmethod
     def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Total loss and a dict of its named parts (floats, for logging)."""

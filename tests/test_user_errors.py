@@ -154,6 +154,11 @@ def test_yaml_syntax_error_names_line_and_column(user_dir):
     fails(user_dir, ["train", "--config", "bad.yaml"], "bad.yaml:3:", "invalid YAML")
 
 
+def test_a_key_written_twice_names_file_line_and_key(user_dir):
+    (user_dir / "twice.yaml").write_text("train:\n  batch_size: 4\ntrain:\n  amp: bf16\n")
+    fails(user_dir, ["train", "--config", "twice.yaml"], "twice.yaml:3:", "duplicate key 'train'", "line 1")
+
+
 def test_unknown_key_in_a_file_names_the_key(user_dir):
     (user_dir / "bad.yaml").write_text("train:\n  iterz: 3\n")
     fails(user_dir, ["train", "--config", "bad.yaml"], "'train.iterz'", "did you mean 'train.iters'")

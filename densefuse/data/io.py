@@ -132,3 +132,21 @@ def check_same_size(image: Tensor, label: Tensor, image_path: PathLike, label_pa
             f"image {image_path} is {tuple(image.shape[-2:])} but its label {label_path} is "
             f"{tuple(label.shape[-2:])} (H, W)"
         )
+
+
+def image_size(path: PathLike, kind: str = "image") -> tuple[int, int]:
+    """``(height, width)`` an image file declares in its header, without decoding its pixels (so a file
+    declaring 20000x20000 can be refused before it takes memory, and a dataset's sizes read quickly)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{kind} file not found: {p}")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # only the header is read: pillow's bomb check is for decoding
+        with Image.open(p) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot decode {kind} file {p}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return int(h), int(w)

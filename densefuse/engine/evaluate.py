@@ -63,13 +63,22 @@ def infer_outputs(model: nn.Module, task: Task, batch: Mapping[str, Any]) -> dic
     eval_cfg = (task.cfg or {}).get("eval") or {}
     tta = eval_cfg.get("tta") or {}
     label = batch.get("label")
-    size = tuple(label.shape[-2:]) if isinstance(label, torch.Tensor) else None
+    size = tuple(label.shape[-2:]) if isinstance(label, torch.Tensor) else _original_size(batch)
     if size == tuple(batch["image"].shape[-2:]):
         size = None
     if eval_cfg.get("mode", "whole") == "whole" and not tta.get("flip") and not tta.get("scales") and size is None:
         return unwrap_outputs(task.forward(model, batch))
     align = bool(((task.cfg or {}).get("model") or {}).get("align_corners", False))
     return infer(task.forward, model, batch, eval_cfg, merge=task.merge_tta, out_size=size, align_corners=align)
+
+
+def _original_size(batch: Mapping[str, Any]) -> Optional[tuple[int, int]]:
+    """The images' size before the test-time resize (``ori_size``, one (h, w) row per sample), when every
+    sample of the batch shares it: a prediction without a label is returned at the image's own size."""
+    ori = batch.get("ori_size")
+    if not isinstance(ori, torch.Tensor) or ori.ndim != 2 or ori.shape[0] == 0 or not bool((ori == ori[0]).all()):
+        return None
+    return int(ori[0, 0]), int(ori[0, 1])
 
 
 def _dotted_table(summary: Mapping[str, float]) -> dict[str, pd.DataFrame]:

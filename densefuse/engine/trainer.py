@@ -4,7 +4,8 @@ the parts: :mod:`.runtime` (seeds, RNG, work dir), :mod:`.distributed` (torchrun
 :mod:`.logger`.
 
 Before step 0: build the datasets and the model before the run directory is created (a user error in
-them, such as a bad pretrained file or a missing dataset folder, leaves nothing behind), convert BN to SyncBN (``model.sync_bn``; default on with more than one
+them, such as a bad pretrained file or a missing dataset folder, leaves nothing behind), run the
+evaluation path once on the hardest validation samples (:mod:`.preflight`), convert BN to SyncBN (``model.sync_bn``; default on with more than one
 process), calibrate the scale equalizers on training images (once, statistics all-reduced, identical on
 every rank; not again on resume: they are in the state_dict), fold when the mode is ``fold``, then wrap
 in DDP (and ``torch.compile`` when ``train.compile``).
@@ -31,6 +32,7 @@ from . import distributed as dist
 from .evaluate import evaluate, evaluate_full, summary_only
 from .logger import RunLogger, check_tensorboard
 from .optim import build_optimizer, build_scheduler
+from .preflight import preflight_evaluation
 from .runtime import WorkDir, capture_rng, default_work_dir, resolve_device, restore_rng, seed_everything, to_device
 from .state import Checkpointer, load_model_state
 from .step import TrainStep, check_amp, check_compile
@@ -185,6 +187,7 @@ class Trainer:
         train_set = self.task.build_dataset(self.cfg, data["train_split"])
         val_set = self.task.build_dataset(self.cfg, data["val_split"])
         model = self._build_model()
+        preflight_evaluation(model, self.task, val_set, self.cfg, self.device, check_amp(self.cfg["train"]["amp"], self.device))
         # the optimizer's and schedule's own checks (param-wise rules, ...) also come before the run dir;
         # the ones used are built after calibration, which may fold new weights into the model
         build_scheduler(build_optimizer(model, self.cfg["optim"]), self.cfg["schedule"], self.cfg["train"]["iters"])

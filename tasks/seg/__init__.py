@@ -64,6 +64,12 @@ def check_dataset_config(cfg: Mapping[str, Any]) -> None:
                           f"not stack into batches; use eval.batch_size=1")
 
 
+def seg_test_pipeline(cfg: Mapping[str, Any]) -> Optional[Callable[[dict], dict]]:
+    """The evaluation samples' own transform: mmseg's keep-ratio test Resize with ``data.pipeline: mmseg``
+    (see :func:`~densefuse_tasks.seg.pipeline.build_test_pipeline`), none with ``batch``."""
+    return build_test_pipeline(cfg) if cfg["data"].get("pipeline", "batch") == "mmseg" else None
+
+
 def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     """The dataset named by ``cfg.data.type`` for ``split`` with its per-sample transform.
 
@@ -85,7 +91,7 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     crop = data["crop_size"]
     transform: Optional[Callable[[dict], dict]]
     if data.get("pipeline", "batch") == "mmseg":
-        transform = build_train_pipeline(cfg, photometric=False) if train else build_test_pipeline(cfg)
+        transform = build_train_pipeline(cfg, photometric=False) if train else seg_test_pipeline(cfg)
     else:
         transform = (RandomCropPad(crop, SEG_KEYS, fill=[round(float(m)) for m in data["mean"]])
                      if train else None)
@@ -119,6 +125,9 @@ class SegTask(Task):
 
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
         return build_seg_dataset(cfg, split)
+
+    def test_pipeline(self, cfg: Mapping[str, Any]) -> Optional[Callable[[dict], dict]]:
+        return seg_test_pipeline(cfg)
 
     def validate_config(self, cfg: Mapping[str, Any]) -> None:
         """Value checks the type check cannot make (sizes, ranges), before any work starts."""
