@@ -38,6 +38,8 @@ class EncoderSpec:
     family: str = ""  # swin | twins | convnext | resnet: the checkpoint-conversion and layer-decay rules
 
 
+#: Swin's patch size: mmseg pads any input to a multiple of it, timm's patch embedding refuses other sizes
+SWIN_PATCH = 4
 _SWIN = dict(out_indices=(0, 1, 2, 3), drop_path_rate=0.3, out_norm="ln", family="swin")
 _TWINS = dict(out_indices=(0, 1, 2, 3), out_norm="ln", family="twins")
 # mmpretrain ConvNeXt: LayerNorm2d(eps=1e-6) on every output, layer_scale_init_value=1.0 in the recipes
@@ -303,6 +305,8 @@ class TimmEncoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         if self._inline_norms:
             return self._twins_forward(x)
+        if self.family == "swin":  # mmseg's AdaptivePadding("corner"): zeros below and right to the 4-pixel patch
+            x = F.pad(x, (0, -x.shape[-1] % SWIN_PATCH, 0, -x.shape[-2] % SWIN_PATCH))
         feats = self.model(x)
         if self._nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
