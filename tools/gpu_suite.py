@@ -80,7 +80,7 @@ def gpu_plan(workers: int) -> Plan:
 
 
 def dry_plan() -> Plan:
-    return Plan("cpu", 32, (2,), 1, 1, 1, 4, 1, 0, "aot_eager", 1, "gloo",
+    return Plan("cpu", 32, (2,), 0, 1, 1, 4, 1, 0, "aot_eager", 1, "gloo",
                 ("model.decode_head.channels=32", "model.auxiliary_head.channels=16"))
 
 
