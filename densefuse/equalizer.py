@@ -150,6 +150,10 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("_sums", torch.zeros(2, 3, n, dtype=torch.float64), persistent=False)
         # channel count per branch as a device tensor, so the per-channel expansion needs no host copy
         self.register_buffer("_group_sizes", torch.tensor(groups, dtype=torch.long), persistent=False)
+        # branch index of every channel: the per-channel expansion is one gather (exports to ONNX / TorchScript,
+        # unlike repeat_interleave with output_size)
+        self.register_buffer("_channel_group", torch.arange(n).repeat_interleave(torch.tensor(groups)),
+                             persistent=False)
         self.observing = False
         self.measuring = False
         #: calibrated but unfolded sites in mode fold apply the affine explicitly (calibrate/measure
@@ -346,10 +350,17 @@ class ScaleEqualizer(nn.Module):
 
     def channel_affine(self) -> tuple[Tensor, Tensor]:
         """Per-channel (scale, shift) with ``x * scale + shift == (x - mean_i) / std_i``."""
+        index = self._channel_group
+        return (1.0 / self.std).index_select(0, index), (-self.mean / self.std).index_select(0, index)
+
+    def runtime_affine(self) -> tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) that the forward applies now: the frozen affine in mode explicit,
+        the identity in mode off or once folded (a TorchScript / exported copy bakes this in). Raises
+        :class:`CalibrationError` where the forward itself would refuse to run."""
+        if self._applies_affine():
+            return self.channel_affine()
         total = sum(self.groups)
-        scale = (1.0 / self.std).repeat_interleave(self._group_sizes, output_size=total)
-        shift = (-self.mean / self.std).repeat_interleave(self._group_sizes, output_size=total)
-        return scale, shift
+        return self.std.new_ones(total), self.std.new_zeros(total)
 
     # ------------------------------------------------------------------ fold
     def fold_target(self, root: nn.Module, name: str) -> FoldTarget:
@@ -425,7 +436,7 @@ class ScaleEqualizer(nn.Module):
         kh, kw = conv.kernel_size
         dh, dw = conv.dilation
         w = conv.weight
-        mean_map = self.mean.repeat_interleave(self._group_sizes, output_size=sum(self.groups))
+        mean_map = self.mean.index_select(0, self._channel_group)
         const = mean_map.to(w).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
         return F.conv2d(const, w, None, 1, 0, conv.dilation, conv.groups).flatten()
 
