@@ -133,6 +133,9 @@ class ScaleEqualizer(nn.Module):
     forward and sum the moments of the input and of what the fusion conv effectively sees).
     """
 
+    #: Python-side state; TorchScript does not compile these when a model holding the equalizer is scripted
+    __jit_unused_properties__ = ["num_groups", "slices", "is_calibrated", "is_folded", "recording", "active"]
+
     def __init__(self, groups: Sequence[int], mode: str = "explicit", eps: float = 1e-5) -> None:
         super().__init__()
         groups = tuple(int(g) for g in groups)
@@ -166,6 +169,8 @@ class ScaleEqualizer(nn.Module):
         self._is_folded = False
         #: name of the site in reports; ``None`` uses the owning module's path
         self.label: Optional[str] = None
+        #: False: a scale-only site (its mean is kept at 0), which folds into a conv without a bias or norm
+        self.centered = True
 
     # ------------------------------------------------------------------ structure
     @property
@@ -392,7 +397,7 @@ class ScaleEqualizer(nn.Module):
         if conv.groups not in (1, conv.in_channels):
             raise CalibrationError(f"fusion site '{site}': cannot fold into a grouped conv with groups={conv.groups}")
         last = target.pointwise if target.pointwise is not None else conv
-        if last.bias is None and not _absorbing_norm(target.norm):
+        if self.centered and last.bias is None and not _absorbing_norm(target.norm):
             raise CalibrationError(
                 f"fusion site '{site}': its conv has no bias and no BatchNorm follows it, so the mean term "
                 "has nowhere to go; use mode 'explicit'"
@@ -420,12 +425,13 @@ class ScaleEqualizer(nn.Module):
         else:  # depthwise: one row block per input channel
             mult = conv.out_channels // conv.in_channels
             w.mul_(scale.to(w).repeat_interleave(mult).view(-1, 1, 1, 1))
-        c = self._mean_offset(conv)
-        if target.pointwise is not None:
-            pw = target.pointwise
-            absorb_offset(pw.weight.flatten(1) @ c.to(pw.weight), pw, target.norm)
-        else:
-            absorb_offset(c, conv, target.norm)
+        if self.centered:  # a scale-only site has no mean term
+            c = self._mean_offset(conv)
+            if target.pointwise is not None:
+                pw = target.pointwise
+                absorb_offset(pw.weight.flatten(1) @ c.to(pw.weight), pw, target.norm)
+            else:
+                absorb_offset(c, conv, target.norm)
         self.folded.fill_(True)
         self._is_folded = True
         self.mode = "fold"

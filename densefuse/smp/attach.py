@@ -28,6 +28,7 @@ class SmpEqualizer(ScaleEqualizer):
         super().__init__(site.groups, mode=mode, eps=eps)
         self.site = site
         self.label = site.consumer if site.fusion is None else f"{site.fusion}: {site.consumer}"
+        self.centered = site.center
         #: the modules whose pre-hook applies this equalizer (plain list: not submodules)
         self._consumers: list[nn.Module] = []
 
@@ -91,8 +92,9 @@ def resolve_target(model: nn.Module, site: Site) -> FoldTarget:
 EQ_ATTR = "densefuse_equalizer"
 #: non-persistent per-channel buffers of the consumer that a TorchScript copy applies (see :func:`densefuse_equalize`)
 SCALE, SHIFT = "densefuse_scale", "densefuse_shift"
-#: key of the equalization record in a saved config (smp hub config / HF ``config``)
-RECORD = "_densefuse"
+#: key of the equalization record in a saved config: smp's hub config (keys starting with "_" are not
+#: passed to the model's __init__) and a HuggingFace ``PretrainedConfig``
+RECORD, HF_RECORD = "_densefuse", "densefuse_equalization"
 
 
 @torch.jit.unused
@@ -111,7 +113,7 @@ def densefuse_equalize(module: nn.Module, args: tuple[Tensor]) -> tuple[Tensor]:
     affine). The equalizer is a plain attribute of the consumer, so ``copy.deepcopy`` and pickling carry it.
     """
     if torch.jit.is_scripting():
-        return (args[0] * getattr(module, SCALE) + getattr(module, SHIFT),)
+        return (args[0] * module.densefuse_scale + module.densefuse_shift,)
     return _eager_equalize(module, args)
 
 
@@ -162,10 +164,10 @@ def _set_record(model: nn.Module, record: Optional[dict]) -> None:
     cfg = getattr(model, "config", None)
     if cfg is not None and not isinstance(cfg, dict) and hasattr(cfg, "to_dict"):
         if record is None:
-            if hasattr(cfg, RECORD):
-                delattr(cfg, RECORD)
+            if hasattr(cfg, HF_RECORD):
+                delattr(cfg, HF_RECORD)
         else:
-            setattr(cfg, RECORD, record)
+            setattr(cfg, HF_RECORD, record)
 
 
 def record_of(model: nn.Module, sites: Sequence[Site], mode: str, eps: float) -> dict:
