@@ -105,8 +105,13 @@ def _read_config(path: Path) -> dict:
         raise DataError(f"{cfg_file} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _build(path: Path, config: dict) -> nn.Module:
-    """A fresh plain model of the class the directory was saved from (smp, else HuggingFace transformers)."""
+def _build(path: Path, config: dict) -> tuple[nn.Module, bool]:
+    """A plain model of the class the directory was saved from, and whether its weights are loaded already.
+
+    smp: a fresh model from the saved init arguments (the weights load below, strictly). HuggingFace: the
+    class's own ``from_pretrained`` (it maps saved key names to the current ones), told to leave the
+    equalizer entries alone.
+    """
     if "_model_class" in config:
         import segmentation_models_pytorch as smp
 
@@ -115,17 +120,21 @@ def _build(path: Path, config: dict) -> nn.Module:
             raise DataError(f"{path}/config.json names smp class '{config['_model_class']}', which smp does not have")
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         kwargs["encoder_weights"] = None  # the saved weights replace them; never download
-        return cls(**kwargs)
+        return cls(**kwargs), False
     try:
         import transformers
     except ImportError:  # pragma: no cover - depends on the environment
         raise DataError(f"{path} looks like a HuggingFace save; install transformers to load it") from None
-    hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
-    names = list(getattr(hf_cfg, "architectures", None) or [])
+    names = list(config.get("architectures") or [])
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None:
         raise DataError(f"{path}/config.json names no transformers model class (architectures: {names})")
-    return cls(hf_cfg)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # it would warn about the scale_equalizers entries
+    try:
+        return cls.from_pretrained(str(path)), True
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def _state_dict_file(path: Path) -> dict[str, Tensor]:
@@ -156,15 +165,18 @@ def load_equalized(path: Union[str, Path], model: Optional[nn.Module] = None, mo
             f"{path}/config.json has no densefuse equalization record; it is a plain model: load it with "
             "its library's from_pretrained"
         )
-    model = _build(path, config) if model is None else model
+    model, loaded = _build(path, config) if model is None else (model, False)
     sites = sites_from_record(record)
     _attach(model, mode=mode or record.get("mode", "explicit"), eps=float(record.get("eps", 1e-5)), sites=sites)
     state = _state_dict_file(path)
+    if loaded:  # the model's own weights are in: load the equalizers, every one of their entries
+        state = {k: v for k, v in state.items() if k.startswith(CONTAINER + ".")}
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if not loaded or k.startswith(CONTAINER + ".")]
+    if missing or result.unexpected_keys:
         raise DataError(
             f"{path}: the weights do not match {type(model).__name__} with its recorded sites "
-            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
     return model.eval()
 
