@@ -69,3 +69,8 @@ def test_export_user_errors(checkpoint, tmp_path):
     assert r.exit_code == 2 and "checkpoint not found" in r.output
     r = cli("export", "--checkpoint", checkpoint, "--format", "tflite")
     assert r.exit_code == 2 and "tflite" in r.output
+    cfg = load_config(ROOT / "configs" / "seg" / "synthetic_upernet_r18.yaml", ["model.encoder.pretrained=null"])
+    native = tmp_path / "native.pth"
+    torch.save({"model": get_task("seg", cfg).build_model(cfg).state_dict(), "config": cfg.to_dict()}, native)
+    r = cli("export", "--checkpoint", native, "--format", "plain", "--out", tmp_path / "p.pth")
+    assert r.exit_code == 2 and "is a densefuse model" in r.output and not (tmp_path / "p.pth").exists()
