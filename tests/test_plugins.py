@@ -166,6 +166,7 @@ def smp_calibrated() -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow  # the exporter takes ~20 s on 2 cores
 def test_explicit_mode_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -94,8 +94,10 @@ def run_check(model: torch.nn.Module, check: str) -> float:
     return float((got - ref).abs().max())
 
 
-#: compile / export take seconds each: UPerNet here (tests/test_smp.py compiles and exports every architecture)
-CASES = [(a, m, c) for a in ARCHS for m in MODES for c in CHECKS if c not in ("compile", "export") or a == "UPerNet"]
+#: compile / export take seconds each: UPerNet here (tests/test_smp.py compiles and exports every architecture),
+#: marked slow (CI runs them)
+CASES = [pytest.param(a, m, c, marks=[pytest.mark.slow] if c in ("compile", "export") else [])
+         for a in ARCHS for m in MODES for c in CHECKS if c not in ("compile", "export") or a == "UPerNet"]
 
 
 @pytest.mark.parametrize("arch, mode, check", CASES)
