@@ -6,6 +6,7 @@ from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, ConfigError, DataError, DensefuseError
 from .fusion import Fusion
 from .model import EncoderDecoder, build_model
+from .plugins import equalize, export_plain, load_equalized
 from .registry import HEADS, MODELS, PREDICTORS, TASKS, Registry
 from .tasks import Task, get_task, register_task
 
@@ -28,10 +29,13 @@ __all__ = [
     "Task",
     "build_model",
     "calibrate",
+    "equalize",
     "equalizers",
+    "export_plain",
     "fold",
     "get_task",
     "load_config",
+    "load_equalized",
     "measure",
     "register_task",
     "set_mode",

@@ -1,4 +1,4 @@
-"""``densefuse`` command line: train, eval, calibrate, inspect, predict, convert, compare.
+"""``densefuse`` command line: train, eval, calibrate, inspect, predict, convert, compare, export.
 
 User errors (bad config, missing files, bad data) print one ``error: ...`` line and exit 2.
 """
@@ -692,6 +692,46 @@ def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[
     click.echo(_markdown(runs))
     click.echo()
     click.echo(format_summary(summary))
+
+
+@main.command("export")
+@click.option("--checkpoint", "-k", required=True, type=str, help="Trained checkpoint (.pth) to export.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript", "plain"]),
+              help="onnx (torch's exporter, checked with onnxruntime), torchscript (torch.jit.script) or plain "
+                   "(folded state_dict of the original smp class; model.type smp only).")
+@config_opt
+@set_opt
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default next to the checkpoint: <name>.onnx / .torchscript.pt / .plain.pth).")
+@click.option("--size", type=click.IntRange(min=32), default=128, show_default=True,
+              help="Side of the square example image the export traces and checks.")
+@_friendly
+def export_cmd(checkpoint: str, fmt: str, config: Optional[str], overrides: tuple[str, ...], out: Optional[str],
+               size: int) -> None:
+    """Export a trained model to ONNX, TorchScript or a plain (equalizer-free) state_dict, and check the file
+    against the eager model on one example image."""
+    import torch
+
+    from .plugins import export_file
+    from .smp.attach import detach
+
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "plain": ".plain.pth"}[fmt]
+    target = out or str(Path(checkpoint).with_suffix(suffix))
+    check_out_file(target)
+    cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
+    plain = None
+    if fmt == "plain":
+        if cfg["model"]["type"] != "smp":
+            raise DensefuseError(
+                f"--format plain: {checkpoint} is a densefuse model (its equalizers are built into its Fusion "
+                "modules); export it with --format onnx or torchscript"
+            )
+        plain = task.build_model(_without_pretrained(cfg))
+        detach(plain)
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    result = export_file(model.cpu(), fmt, target, example.cpu(), plain=plain)
+    click.echo(f"wrote {result['file']}")
+    click.echo(f"check: {result['check']} on a 1x3x{size}x{size} image: max |diff| {result['max_abs_diff']:.3g}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -133,6 +133,9 @@ class ScaleEqualizer(nn.Module):
     forward and sum the moments of the input and of what the fusion conv effectively sees).
     """
 
+    #: Python-side state; TorchScript does not compile these when a model holding the equalizer is scripted
+    __jit_unused_properties__ = ["num_groups", "slices", "is_calibrated", "is_folded", "recording", "active"]
+
     def __init__(self, groups: Sequence[int], mode: str = "explicit", eps: float = 1e-5) -> None:
         super().__init__()
         groups = tuple(int(g) for g in groups)
@@ -150,6 +153,10 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("_sums", torch.zeros(2, 3, n, dtype=torch.float64), persistent=False)
         # channel count per branch as a device tensor, so the per-channel expansion needs no host copy
         self.register_buffer("_group_sizes", torch.tensor(groups, dtype=torch.long), persistent=False)
+        # branch index of every channel: the per-channel expansion is one gather (exports to ONNX / TorchScript,
+        # unlike repeat_interleave with output_size)
+        self.register_buffer("_channel_group", torch.arange(n).repeat_interleave(torch.tensor(groups)),
+                             persistent=False)
         self.observing = False
         self.measuring = False
         #: calibrated but unfolded sites in mode fold apply the affine explicitly (calibrate/measure
@@ -162,6 +169,8 @@ class ScaleEqualizer(nn.Module):
         self._is_folded = False
         #: name of the site in reports; ``None`` uses the owning module's path
         self.label: Optional[str] = None
+        #: False: a scale-only site (its mean is kept at 0), which folds into a conv without a bias or norm
+        self.centered = True
 
     # ------------------------------------------------------------------ structure
     @property
@@ -346,10 +355,17 @@ class ScaleEqualizer(nn.Module):
 
     def channel_affine(self) -> tuple[Tensor, Tensor]:
         """Per-channel (scale, shift) with ``x * scale + shift == (x - mean_i) / std_i``."""
+        index = self._channel_group
+        return (1.0 / self.std).index_select(0, index), (-self.mean / self.std).index_select(0, index)
+
+    def runtime_affine(self) -> tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) that the forward applies now: the frozen affine in mode explicit,
+        the identity in mode off or once folded (a TorchScript / exported copy bakes this in). Raises
+        :class:`CalibrationError` where the forward itself would refuse to run."""
+        if self._applies_affine():
+            return self.channel_affine()
         total = sum(self.groups)
-        scale = (1.0 / self.std).repeat_interleave(self._group_sizes, output_size=total)
-        shift = (-self.mean / self.std).repeat_interleave(self._group_sizes, output_size=total)
-        return scale, shift
+        return self.std.new_ones(total), self.std.new_zeros(total)
 
     # ------------------------------------------------------------------ fold
     def fold_target(self, root: nn.Module, name: str) -> FoldTarget:
@@ -381,7 +397,7 @@ class ScaleEqualizer(nn.Module):
         if conv.groups not in (1, conv.in_channels):
             raise CalibrationError(f"fusion site '{site}': cannot fold into a grouped conv with groups={conv.groups}")
         last = target.pointwise if target.pointwise is not None else conv
-        if last.bias is None and not _absorbing_norm(target.norm):
+        if self.centered and last.bias is None and not _absorbing_norm(target.norm):
             raise CalibrationError(
                 f"fusion site '{site}': its conv has no bias and no BatchNorm follows it, so the mean term "
                 "has nowhere to go; use mode 'explicit'"
@@ -409,12 +425,13 @@ class ScaleEqualizer(nn.Module):
         else:  # depthwise: one row block per input channel
             mult = conv.out_channels // conv.in_channels
             w.mul_(scale.to(w).repeat_interleave(mult).view(-1, 1, 1, 1))
-        c = self._mean_offset(conv)
-        if target.pointwise is not None:
-            pw = target.pointwise
-            absorb_offset(pw.weight.flatten(1) @ c.to(pw.weight), pw, target.norm)
-        else:
-            absorb_offset(c, conv, target.norm)
+        if self.centered:  # a scale-only site has no mean term
+            c = self._mean_offset(conv)
+            if target.pointwise is not None:
+                pw = target.pointwise
+                absorb_offset(pw.weight.flatten(1) @ c.to(pw.weight), pw, target.norm)
+            else:
+                absorb_offset(c, conv, target.norm)
         self.folded.fill_(True)
         self._is_folded = True
         self.mode = "fold"
@@ -425,7 +442,7 @@ class ScaleEqualizer(nn.Module):
         kh, kw = conv.kernel_size
         dh, dw = conv.dilation
         w = conv.weight
-        mean_map = self.mean.repeat_interleave(self._group_sizes, output_size=sum(self.groups))
+        mean_map = self.mean.index_select(0, self._channel_group)
         const = mean_map.to(w).view(1, -1, 1, 1).expand(1, -1, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
         return F.conv2d(const, w, None, 1, 0, conv.dilation, conv.groups).flatten()
 

@@ -4,8 +4,8 @@ smp decoders fuse multi-level features as ``consumer(torch.cat([UP(P_1), ..., P_
 *fusion site* is such a channel concat where at least one branch went through a smoothing
 (bilinear / bicubic) resize that changed its size, named by the module that first receives the
 concat (the *consumer*). :func:`equalize` attaches one :class:`SmpEqualizer` per site: a forward
-pre-hook on the consumer replaces its first argument ``x`` by ``eq(x)``, so the equalizer observes
-while calibrating and applies its frozen affine in ``explicit`` mode. The equalizers live in
+pre-hook on the consumer (a function TorchScript can compile) replaces its first argument ``x`` by
+``eq(x)``, so the equalizer observes while calibrating and applies its frozen affine in ``explicit`` mode. The equalizers live in
 ``model.scale_equalizers`` (an ``nn.ModuleDict``), so smp's own state_dict keys do not change and
 smp / hub checkpoints still load (``strict=False`` then misses only ``scale_equalizers.*``).
 
@@ -22,7 +22,7 @@ Example::
 """
 from __future__ import annotations
 
-from .attach import SmpEqualizer, equalize
+from .attach import SmpEqualizer, detach, equalize
 from .build import ARCHS, build_smp_model
 from .probe import probe, sites
 from .report import report
@@ -37,6 +37,7 @@ __all__ = [
     "Site",
     "TABLE",
     "build_smp_model",
+    "detach",
     "equalize",
     "probe",
     "report",

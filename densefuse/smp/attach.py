@@ -1,8 +1,10 @@
 """Attach :class:`SmpEqualizer` sites to an smp model through forward pre-hooks (smp is not edited)."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..calibration import equalizers
@@ -25,7 +27,35 @@ class SmpEqualizer(ScaleEqualizer):
     def __init__(self, site: Site, mode: str = "explicit", eps: float = 1e-5) -> None:
         super().__init__(site.groups, mode=mode, eps=eps)
         self.site = site
-        self.label = site.consumer
+        self.label = site.consumer if site.fusion is None else f"{site.fusion}: {site.consumer}"
+        self.centered = site.center
+        #: the modules whose pre-hook applies this equalizer (plain list: not submodules)
+        self._consumers: list[nn.Module] = []
+
+    @torch.jit.unused
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)
+
+    @torch.no_grad()
+    def finish_calibration(self, measured: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> list[int]:
+        dead = super().finish_calibration(measured)
+        if not self.site.center:  # scale-only addend (its layer has no bias to take a mean term)
+            self.mean.zero_()
+        return dead
+
+    def sync_consumers(self) -> None:
+        """Write the affine the forward applies now into the consumers' TorchScript buffers."""
+        scale, shift = self.runtime_affine()
+        for m in self._consumers:
+            for name, value in ((SCALE, scale), (SHIFT, shift)):
+                buf = getattr(m, name)
+                buf.copy_(value.to(buf).view(buf.shape))
+
+    def __prepare_scriptable__(self) -> "SmpEqualizer":
+        # torch.jit.script calls this on every submodule before compiling: the scripted pre-hooks read
+        # the consumers' buffers, so they must hold the current state.
+        self.sync_consumers()
+        return self
 
     def extra_repr(self) -> str:
         return f"consumer={self.site.consumer!r}, " + super().extra_repr()
@@ -57,24 +87,103 @@ def resolve_target(model: nn.Module, site: Site) -> FoldTarget:
     return FoldTarget(mods["conv"], mods["norm"], mods["pointwise"])  # type: ignore[arg-type]
 
 
-class _EqualizeHook:
-    """Forward pre-hook: replace the consumer's first argument by ``eq(args[0])``.
+#: the consumer's ``__dict__`` entry that points to its equalizer (a plain attribute, not a submodule, so
+#: the consumer's children, state_dict keys and a Sequential's iteration do not change)
+EQ_ATTR = "densefuse_equalizer"
+#: non-persistent per-channel buffers of the consumer that a TorchScript copy applies (see :func:`densefuse_equalize`)
+SCALE, SHIFT = "densefuse_scale", "densefuse_shift"
+#: key of the equalization record in a saved config: smp's hub config (keys starting with "_" are not
+#: passed to the model's __init__) and a HuggingFace ``PretrainedConfig``
+RECORD, HF_RECORD = "_densefuse", "densefuse_equalization"
 
-    A small class (not a closure) so that ``copy.deepcopy`` and pickling of the model carry the
-    hook over to the copied equalizer.
+
+@torch.jit.unused
+def _eager_equalize(module: nn.Module, args: tuple[Tensor]) -> tuple[Tensor]:
+    if not args:
+        return args
+    return (module.__dict__[EQ_ATTR](args[0]), *args[1:])
+
+
+def densefuse_equalize(module: nn.Module, args: tuple[Tensor]) -> tuple[Tensor]:
+    """Forward pre-hook of a consumer: replace its first argument ``x`` by ``eq(x)``.
+
+    A plain function TorchScript can compile: scripted, it applies the per-channel buffers
+    ``densefuse_scale`` / ``densefuse_shift`` (written from the equalizer when scripting starts); in eager
+    mode, ``torch.compile`` and ``torch.export`` it calls the equalizer (observing, measuring, the frozen
+    affine). The equalizer is a plain attribute of the consumer, so ``copy.deepcopy`` and pickling carry it.
     """
-
-    def __init__(self, eq: SmpEqualizer) -> None:
-        self.eq = eq
-
-    def __call__(self, module: nn.Module, args: tuple) -> Optional[tuple]:
-        if not args:
-            return None
-        return (self.eq(args[0]), *args[1:])
+    if torch.jit.is_scripting():
+        return (args[0] * module.densefuse_scale + module.densefuse_shift,)
+    return _eager_equalize(module, args)
 
 
 def _is_equalized(model: nn.Module) -> bool:
-    return any(isinstance(h, _EqualizeHook) for m in model.modules() for h in m._forward_pre_hooks.values())
+    return any(EQ_ATTR in m.__dict__ for m in model.modules())
+
+
+def _attach(consumer: nn.Module, eq: SmpEqualizer) -> None:
+    consumer.__dict__[EQ_ATTR] = eq
+    shape = (-1,) if isinstance(consumer, nn.Linear) else (-1, 1, 1)  # Linear: channels last
+    total = sum(eq.groups)
+    consumer.register_buffer(SCALE, eq.std.new_ones(total).view(shape), persistent=False)
+    consumer.register_buffer(SHIFT, eq.std.new_zeros(total).view(shape), persistent=False)
+    consumer.register_forward_pre_hook(densefuse_equalize)
+    eq._consumers.append(consumer)
+
+
+def detach(model: nn.Module) -> list[SmpEqualizer]:
+    """Remove every equalizer, hook, buffer and config record :func:`equalize` added; return the equalizers.
+
+    The weights are left as they are: fold first (:func:`densefuse.export_plain` does both).
+    """
+    eqs = []
+    for m in model.modules():
+        eq = m.__dict__.pop(EQ_ATTR, None)
+        if eq is None:
+            continue
+        eqs.append(eq)
+        for k in [k for k, h in m._forward_pre_hooks.items() if h is densefuse_equalize]:
+            del m._forward_pre_hooks[k]
+        for name in (SCALE, SHIFT):
+            m._buffers.pop(name, None)
+    if CONTAINER in model._modules:
+        del model._modules[CONTAINER]
+    _set_record(model, None)
+    return eqs
+
+
+def _set_record(model: nn.Module, record: Optional[dict]) -> None:
+    """Write (or, with None, drop) the equalization record where the model's save_pretrained saves its config:
+    smp's hub-mixin config dict, or a HuggingFace ``PretrainedConfig`` attribute."""
+    hub = getattr(model, "_hub_mixin_config", None)
+    if isinstance(hub, dict):
+        if record is None:
+            hub.pop(RECORD, None)
+        else:
+            hub[RECORD] = record
+    cfg = getattr(model, "config", None)
+    if cfg is not None and not isinstance(cfg, dict) and hasattr(cfg, "to_dict"):
+        if record is None:
+            if hasattr(cfg, HF_RECORD):
+                delattr(cfg, HF_RECORD)
+        else:
+            setattr(cfg, HF_RECORD, record)
+
+
+def record_of(model: nn.Module, sites: Sequence[Site], mode: str, eps: float) -> dict:
+    """The equalization record saved with the model's config: the sites, the mode and eps."""
+    return {"version": 1, "mode": mode, "eps": eps, "sites": [asdict(s) for s in sites]}
+
+
+def sites_from_record(record: dict) -> list[Site]:
+    """The :class:`Site` list of a saved record (JSON turns tuples into lists)."""
+    out = []
+    for d in record.get("sites", []):
+        d = dict(d)
+        d["groups"] = tuple(int(g) for g in d["groups"])
+        d["interpolated"] = tuple(bool(i) for i in d["interpolated"])
+        out.append(Site(**d))
+    return out
 
 
 def equalize(
@@ -84,6 +193,7 @@ def equalize(
     source: str = "auto",
     example_input: Optional[Tensor] = None,
     sites: Optional[Sequence[Site]] = None,
+    sums: bool = False,
 ) -> nn.Module:
     """Attach a scale equalizer at every fusion site of an smp model (in place; returns ``model``).
 
@@ -94,6 +204,7 @@ def equalize(
         source: where the sites come from: ``"auto"`` (table, else probe), ``"table"`` or ``"probe"``.
         example_input: input for the probe (default one random 64x64 image).
         sites: use these sites instead (e.g. picked from ``probe(model, all_concats=True)``).
+        sums: also equalize sum fusions whose addends end in a conv (see :func:`densefuse.smp.probe`).
 
     Then run :func:`densefuse.calibrate` before training; :func:`densefuse.fold` works too.
     """
@@ -108,7 +219,7 @@ def equalize(
             f"{type(model).__name__} already has scale equalizers (densefuse models have them built in)"
         )
     mode = _check_mode(mode)
-    chosen = list(sites) if sites is not None else _find_sites(model, source, example_input)
+    chosen = list(sites) if sites is not None else _find_sites(model, source, example_input, sums=sums)
     if not chosen:
         raise ConfigError("equalize() got an empty list of fusion sites")
     # Build and check everything first, then touch the model (no half-equalized model on error).
@@ -124,13 +235,16 @@ def equalize(
         except (AttributeError, ValueError, CalibrationError) as e:
             raise ConfigError(f"bad fusion site '{site.consumer}' for {type(model).__name__}: {e}") from None
         container[site.key] = eq
+        if any(c is consumer for c, _ in hooks):
+            raise ConfigError(f"fusion site '{site.consumer}' is listed twice")
         hooks.append((consumer, eq))
     p = next(iter(model.parameters()), None)
     if p is not None:
         container.to(p.device)
     for consumer, eq in hooks:
-        consumer.register_forward_pre_hook(_EqualizeHook(eq))
+        _attach(consumer, eq)
     model.add_module(CONTAINER, container)
+    _set_record(model, record_of(model, chosen, mode, eps))
     return model
 
 

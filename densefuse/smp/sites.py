@@ -30,6 +30,11 @@ class Site:
             or None when folding is not possible at this site.
         norm: BatchNorm after ``conv`` (or after ``pointwise``) that absorbs the mean term, or None.
         pointwise: for a depthwise ``conv``, the 1x1 conv between it and ``norm``.
+        fusion: for one addend of a sum fusion (``equalize(..., sums=True)``), where the sum happens
+            (the module it runs in and the ``+``); None for a channel concat.
+        center: subtract the branch mean (the default). A sum addend whose layer has no bias is only
+            scaled: its mean term would have nowhere to go when folded, and scaling alone commutes with
+            zero padding, so that fold is exact everywhere.
     """
 
     consumer: str
@@ -38,6 +43,8 @@ class Site:
     conv: Optional[str] = None
     norm: Optional[str] = None
     pointwise: Optional[str] = None
+    fusion: Optional[str] = None
+    center: bool = True
 
     @property
     def key(self) -> str:
