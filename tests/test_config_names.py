@@ -14,7 +14,7 @@ BASES = sorted(p for p in ROOT.rglob("*.yaml") if "_base_" in p.parts)
 
 #: mmseg's head names in config file names -> densefuse's model.decode_head.type (a naming vocabulary)
 HEADS = {"upernet": "uper", "pspnet": "psp", "deeplabv3": "aspp", "deeplabv3plus": "sep_aspp", "fcn": "fcn",
-         "gedepth": "densedepth"}
+         "gedepth": "densedepth", "hrnet": "hrnet"}
 #: dataset names in file names -> data.type
 DATASETS = {"ade20k": "ade20k", "voc12aug": "voc", "cityscapes": "cityscapes", "kitti": "kitti",
             "synthetic": "synthetic"}
@@ -80,7 +80,7 @@ def _name_form(stem: str) -> tuple[str, list[str]]:
 
 
 def test_every_shipped_config_is_checked():
-    assert len(SHIPPED) >= 39  # 33 paper rows + 2 synthetic seg + 4 depth
+    assert len(SHIPPED) >= 40  # 33 paper rows + 2 synthetic seg + 4 depth + 1 normals
     assert any("convnext" in p.name for p in SHIPPED)
 
 
