@@ -155,8 +155,9 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("_group_sizes", torch.tensor(groups, dtype=torch.long), persistent=False)
         # branch index of every channel: the per-channel expansion is one gather (exports to ONNX / TorchScript,
         # unlike repeat_interleave with output_size)
-        self.register_buffer("_channel_group", torch.arange(n).repeat_interleave(torch.tensor(groups)),
-                             persistent=False)
+        # (built from a Python list: a model built on the meta device has no values to repeat by)
+        self.register_buffer("_channel_group", torch.tensor([i for i, g in enumerate(groups) for _ in range(g)],
+                                                            dtype=torch.long), persistent=False)
         self.observing = False
         self.measuring = False
         #: calibrated but unfolded sites in mode fold apply the affine explicitly (calibrate/measure
