@@ -241,7 +241,11 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
-    summary, tables = evaluate_full(model, task, loader, task.build_transform(cfg, train=False), device)
+    from .engine.runtime import out_of_memory_hint
+    from .engine.trainer import eval_memory_settings
+
+    with out_of_memory_hint(f"evaluating {checkpoint} on {device}", eval_memory_settings(cfg)):
+        summary, tables = evaluate_full(model, task, loader, task.build_transform(cfg, train=False), device)
     click.echo(_markdown(pd.DataFrame([summary])))
     if out:
         base = Path(out)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config
+from ..config import Config, dump
 from ..data.loader import build_loader
 from ..equalizer import calibrate, equalizers, fold
 from ..errors import ConfigError
@@ -31,9 +31,18 @@ from . import distributed as dist
 from .evaluate import evaluate, evaluate_full, summary_only
 from .logger import RunLogger, check_tensorboard
 from .optim import build_optimizer, build_scheduler
-from .runtime import WorkDir, capture_rng, default_work_dir, resolve_device, restore_rng, seed_everything, to_device
+from .runtime import (
+    WorkDir,
+    capture_rng,
+    default_work_dir,
+    out_of_memory_hint,
+    resolve_device,
+    restore_rng,
+    seed_everything,
+    to_device,
+)
 from .state import Checkpointer, load_model_state
-from .step import TrainStep, check_amp, check_compile
+from .step import NonFiniteError, TrainStep, check_amp, check_compile, nonfinite_tensors
 
 __all__ = ["Trainer", "calibration_batches", "evaluate", "evaluate_full", "resolve_device", "seed_everything",
            "to_device"]
@@ -63,8 +72,20 @@ def check_train_config(cfg: Mapping[str, Any], device: torch.device) -> None:
                      ("val_interval", 1), ("ckpt_interval", 1), ("keep_last", 0)):
         if int(tc[key]) < low:
             raise ConfigError(f"train.{key} must be >= {low}, got {tc[key]}")
+    if int(tc["nonfinite_limit"]) < 0:
+        raise ConfigError(f"train.nonfinite_limit must be >= 0, got {tc['nonfinite_limit']}")
     if float(tc["dist_timeout"]) <= 0:
         raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {tc['dist_timeout']}")
+
+
+def eval_memory_settings(cfg: Mapping[str, Any]) -> str:
+    """The settings that size evaluation's memory, with their values (for an out-of-memory line)."""
+    ev = cfg["eval"]
+    if ev["mode"] == "slide":
+        return (f"eval.slide_batch (now {ev['slide_batch']}) or eval.crop_size (now {ev['crop_size']}) "
+                f"(eval.mode slide, eval.batch_size {ev['batch_size']})")
+    return (f"eval.batch_size (now {ev['batch_size']}), or use eval.mode=slide with an eval.crop_size "
+            "(eval.mode is whole)")
 
 
 class Trainer:
@@ -117,14 +138,18 @@ class Trainer:
     def _run(self, logger: RunLogger, model: nn.Module, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
         cfg, task, dev, tc = self.cfg, self.task, self.device, self.cfg["train"]
         ckpt = Checkpointer(self.work_dir, tc["keep_last"])
-        state = dist.on_main(lambda: ckpt.load_latest("cpu", self.cfg.to_dict())) if self.resume else None
+        source = Path(dist.on_main(lambda: str(ckpt.resume_source(logger.info)))) if self.resume else ckpt.latest
+        state = dist.on_main(lambda: ckpt.load_latest("cpu", self.cfg.to_dict(), source)) if self.resume else None
         if state is not None and int(state.get("world_size", 1)) != dist.world_size():
-            raise ConfigError(f"{ckpt.latest} was trained with {state.get('world_size', 1)} processes; "
+            raise ConfigError(f"{source} was trained with {state.get('world_size', 1)} processes; "
                               f"resume it with as many (now {dist.world_size()})")
+        if state is not None and dist.is_main() and not (self.work_dir / "config.yaml").exists():
+            dump(state["config"], self.work_dir / "config.yaml")
+            logger.info(f"config.yaml was missing from {self.work_dir}; restored it from {source}")
         logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}, "
                     f"SyncBN {'on' if self._synced_bn() else 'off'}", echo=False)
         if state is not None:
-            load_model_state(model, state, self.work_dir / "latest.pth")
+            load_model_state(model, state, source)
         else:
             self._calibrate(model, train_set, logger)
         optimizer = build_optimizer(model, cfg["optim"])
@@ -133,7 +158,8 @@ class Trainer:
         backend = check_compile(tc["compile"])
         if backend is not None:  # checkpoints keep saving ``model``: no ``_orig_mod.`` prefixes
             train_model = torch.compile(train_model, backend=backend)
-        step = TrainStep(train_model, task, optimizer, scheduler, dev, tc["amp"], tc["grad_clip"], tc["channels_last"])
+        step = TrainStep(train_model, task, optimizer, scheduler, dev, tc["amp"], tc["grad_clip"], tc["channels_last"],
+                         tc["nonfinite"])
         loop = _Loop.fresh()
         if state is None:
             seed_everything(cfg["seed"] + dist.rank())  # different augmentation per rank
@@ -158,13 +184,19 @@ class Trainer:
         model.train()
         logger.start(loop.iter, total)
         for it in range(loop.iter, total):
-            loss, parts = step([train_tf(to_device(next(batches), dev)) for _ in range(accum)], it)
+            with out_of_memory_hint(f"at training iteration {it + 1} on {dev}", self._train_memory_settings()):
+                loss, parts = step([train_tf(to_device(next(batches), dev)) for _ in range(accum)], it)
             done = loop.iter = it + 1
-            loop.add({"loss": loss, **parts})
+            if step.skipped is None:
+                loop.add({"loss": loss, **parts})
+            else:
+                self._skipped(loop, step.skipped, logger)
             report = done % tc["log_interval"] == 0 or done == total
             shown = dist.all_reduce_mean([loss])[0] if report else loss
             logger.iteration(done, shown, step.lr(), images_per_iter, report)
             loop.elapsed = elapsed_before + time.time() - t_start
+            if done % tc["val_interval"] == 0 or done % tc["ckpt_interval"] == 0 or done == total:
+                self._check_finite(model, done, ckpt)
             if done % tc["val_interval"] == 0 or done == total:
                 self._evaluate(model, loop, step, val_loader, eval_tf, ckpt, logger)
             if done % tc["ckpt_interval"] == 0 or done == total:
@@ -177,6 +209,25 @@ class Trainer:
         return dict(loop.metrics)
 
     # ------------------------------------------------------------------ parts of the run
+    def _skipped(self, loop: "_Loop", why: str, logger: RunLogger) -> None:
+        """Count a step dropped by ``train.nonfinite: skip``; stop past ``train.nonfinite_limit``."""
+        loop.skipped += 1
+        limit = int(self.cfg["train"]["nonfinite_limit"])
+        logger.info(f"iteration {loop.iter}: {why}; step skipped ({loop.skipped} so far, train.nonfinite_limit {limit})")
+        if loop.skipped > limit:
+            raise NonFiniteError(f"{loop.skipped} steps had a non-finite loss or gradient (the last at iteration "
+                                 f"{loop.iter}), more than train.nonfinite_limit={limit}; stopped, the last checkpoint "
+                                 "is the last finite state; lower optim.lr or set train.grad_clip")
+
+    def _check_finite(self, model: nn.Module, iteration: int, ckpt: Checkpointer) -> None:
+        """Refuse to evaluate or save weights (parameters and buffers) holding an inf or nan."""
+        bad = nonfinite_tensors(model.state_dict())
+        if bad:
+            kept = ckpt.newest_intact()
+            where = f"the last finite checkpoint is {kept}" if kept else "no checkpoint was written"
+            raise NonFiniteError(f"the weights became non-finite by iteration {iteration} ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); nothing was evaluated or saved, {where}")
+
     def _build(self) -> tuple[nn.Module, Dataset, Dataset]:
         """The model (loading its pretrained file) and the training and validation datasets (indexing and
         checking their files), from the run's seed: identical on every rank."""
@@ -226,9 +277,15 @@ class Trainer:
         return build_loader(dataset, batch_size, train=train, num_workers=self.cfg["data"]["num_workers"],
                             seed=self.cfg["seed"], start_iter=start_iter)
 
+    def _train_memory_settings(self) -> str:
+        cfg = self.cfg
+        return (f"train.batch_size (now {cfg['train']['batch_size']}) or data.crop_size (now "
+                f"{list(cfg['data']['crop_size'])}), or use train.accum_steps to keep the effective batch")
+
     def _evaluate(self, model: nn.Module, loop: "_Loop", step: TrainStep, loader: Iterable[Mapping[str, Any]],
                   transform: Callable[[dict], dict], ckpt: Checkpointer, logger: RunLogger) -> None:
-        metrics, tables = evaluate_full(model, self.task, loader, transform, self.device, step.dtype)
+        with out_of_memory_hint(f"evaluating at iteration {loop.iter} on {self.device}", eval_memory_settings(self.cfg)):
+            metrics, tables = evaluate_full(model, self.task, loader, transform, self.device, step.dtype)
         loop.metrics = metrics
         summary = summary_only(metrics)
         means = loop.take_means()
@@ -289,8 +346,10 @@ class _Loop:
     metric history, best primary metric, training time so far."""
 
     def __init__(self, iter: int, running: dict[str, float], n_running: int, history: list[dict[str, Any]],
-                 best: Optional[float], best_iter: Optional[int], elapsed: float, metrics: dict[str, float]) -> None:
+                 best: Optional[float], best_iter: Optional[int], elapsed: float, metrics: dict[str, float],
+                 skipped: int = 0) -> None:
         self.iter, self.running, self.n_running = int(iter), dict(running), int(n_running)
+        self.skipped = int(skipped)  # steps dropped by train.nonfinite: skip
         self.history, self.best, self.best_iter = list(history), best, best_iter
         self.elapsed, self.metrics = float(elapsed), dict(metrics)
 
@@ -312,4 +371,5 @@ class _Loop:
 
     def state_dict(self) -> dict[str, Any]:
         return {"iter": self.iter, "running": self.running, "n_running": self.n_running, "history": self.history,
-                "best": self.best, "best_iter": self.best_iter, "elapsed": self.elapsed, "metrics": self.metrics}
+                "best": self.best, "best_iter": self.best_iter, "elapsed": self.elapsed, "metrics": self.metrics,
+                "skipped": self.skipped}
