@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, dump
+from ..data.check import SkipBad, check_dataset, reads_files, verify_default
 from ..data.loader import build_loader
 from ..equalizer import calibrate, equalizers, fold
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
 from . import distributed as dist
 from .evaluate import evaluate, evaluate_full, summary_only
@@ -235,11 +236,40 @@ class Trainer:
         data = self.cfg["data"]
         train_set = self.task.build_dataset(self.cfg, data["train_split"])
         val_set = self.task.build_dataset(self.cfg, data["val_split"])
+        train_set = self._verify(train_set, val_set)
         model = self._build_model()
         # the optimizer's and schedule's own checks (param-wise rules, ...) also come before the run dir;
         # the ones used are built after calibration, which may fold new weights into the model
         build_scheduler(build_optimizer(model, self.cfg["optim"]), self.cfg["schedule"], self.cfg["train"]["iters"])
         return model, train_set, val_set
+
+    def _verify(self, train_set: Dataset, val_set: Dataset) -> Dataset:
+        """``data.verify``: read every sample first (rank 0) and stop on a bad one, naming it, or with
+        ``data.skip_bad`` replace the bad training samples deterministically (:class:`SkipBad`)."""
+        data = self.cfg["data"]
+        verify = data["verify"]
+        if verify is None:  # generated data (no files) is not read twice
+            verify = reads_files(train_set) and verify_default([len(train_set), len(val_set)])  # type: ignore[arg-type]
+        known: list[int] = []
+        if verify:
+            names = (f"{data['type']} {data['train_split']}", f"{data['type']} {data['val_split']}")
+            reports = dist.on_main(lambda: [check_dataset(train_set, names[0]), check_dataset(val_set, names[1])])
+            train_report, val_report = reports  # type: ignore[misc]
+            if dist.is_main():
+                for r in reports:  # type: ignore[union-attr]
+                    self._print(f"data.verify: {r.lines()[0]}")
+            bad = [f"{names[1]}: {m}" for m in val_report.bad.values()]
+            if not data["skip_bad"]:
+                bad += [f"{names[0]}: {m}" for m in train_report.bad.values()]
+            if bad:
+                shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+                raise DataError(f"data.verify found {len(bad)} bad samples ({shown}); `densefuse check-data` lists "
+                                "them all; fix the files, or set data.skip_bad=true to train without the training ones")
+            known = sorted(train_report.bad)
+            if known and dist.is_main():
+                self._print(f"data.skip_bad: {len(known)} bad training samples are replaced by the next readable one: "
+                            + "; ".join(train_report.bad[i] for i in known[:5]) + ("; ..." if len(known) > 5 else ""))
+        return SkipBad(train_set, known) if data["skip_bad"] else train_set
 
     def _build_model(self) -> nn.Module:
         cfg, dev = self.cfg, self.device
