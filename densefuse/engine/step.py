@@ -23,7 +23,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..data.augment import SAMPLE_SEED
 from ..errors import ConfigError, DensefuseError
+from ..layers import name_sample_dropouts, sample_seeds
 from ..tasks import Task
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -102,6 +104,7 @@ class TrainStep:
         if nonfinite not in NONFINITE:
             raise ConfigError(f"train.nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        name_sample_dropouts(model)
         #: why the last call dropped its step (``None``: it stepped)
         self.skipped: Optional[str] = None
 
@@ -118,7 +121,7 @@ class TrainStep:
                 batch = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
             sync = i == n - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with autocast(self.device, self.dtype):
+                with autocast(self.device, self.dtype), sample_seeds(batch.get(SAMPLE_SEED)):
                     outputs = self.task.forward(self.model, batch)
                     loss, parts = self.task.loss(outputs, batch)
                 value = float(loss.detach())
