@@ -26,7 +26,7 @@ from ..errors import DataError
 from .io import IGNORE_INDEX
 
 #: datasets with fewer samples (all splits used together) are checked before training when
-#: ``data.verify`` is null; about 30 s at the rate measured in docs/training.md
+#: ``data.verify`` is null: about 1.5 min at the (loaded-machine) rate measured in docs/training.md
 VERIFY_DEFAULT_MAX = 2000
 
 _missing: contextvars.ContextVar[Optional[list[str]]] = contextvars.ContextVar("densefuse_missing", default=None)
