@@ -229,3 +229,10 @@ def test_out_of_memory_in_eval_names_its_batch_size_and_mode(six_iters, monkeypa
     monkeypatch.setattr(engine, "evaluate_full", fail)
     assert_user_error(cli("eval", "--checkpoint", six_iters / "latest.pth"), "out of memory evaluating",
                       "eval.batch_size (now 2)", "eval.mode")
+
+
+def test_calibration_shows_progress_like_training(tmp_path, capsys):
+    Trainer(tiny_cfg("train.iters=1"), tmp_path / "run", progress=True, log=lambda m: None).run()
+    err = capsys.readouterr().err
+    assert "calibrate (pass 1)" in err and "8/8" in err and "train" in err
+    assert "calibrating" in (tmp_path / "run" / "log.txt").read_text()

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-
 from _common import machine_line
+from PIL import Image
 
 ADE_PAIRS = 22210  # training + validation pairs a training run reads
 
@@ -76,8 +75,9 @@ def measure_save() -> list[dict]:
 
 
 def measure_check(images: int, threads: int) -> list[dict]:
-    from densefuse.data.check import check_dataset
     from densefuse_tasks.seg.datasets import ADE20K
+
+    from densefuse.data.check import check_dataset
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,6 +63,16 @@ def calibration_batches(task: Task, cfg: Mapping[str, Any], dataset: Dataset, de
     return (tf(to_device(b, device)) for b in loader)
 
 
+def with_progress(batches: Iterable[Mapping[str, Any]], total: int, desc: str) -> Iterator[Mapping[str, Any]]:
+    """``batches`` with a progress bar counting their images up to ``total`` (calibration, like training's bar)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
+        for batch in batches:  # counted as it is handed out: the consumer may stop after the last one
+            bar.update(min(int(batch["image"].shape[0]), total - bar.n))
+            yield batch
+
+
 def check_train_config(cfg: Mapping[str, Any], device: torch.device) -> None:
     """Value checks of the ``train`` keys this engine reads, before any work starts."""
     tc = cfg["train"]
@@ -289,12 +299,20 @@ class Trainer:
         if not eqs or all(eq.mode == "off" for _, eq in eqs):
             return None
         n = self.cfg["calibration"]["num_images"] or len(dataset)
+        logger.info(f"calibrating {len(eqs)} fusion sites on {n} training images", echo=not self.progress)
         t0 = time.time()
         min_batch = 1 if self._synced_bn() else 2
         # a function, not a generator: chained fusion sites take one pass each over the same images, and a
         # generator would have to be held in memory between passes
-        batches = lambda: calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=min_batch)  # noqa: E731
-        table = calibrate(model, batches, num_images=math.ceil(n / dist.world_size()), forward=self.task.forward)
+        per_rank = math.ceil(n / dist.world_size())
+        passes = [0]
+
+        def batches() -> Iterator[dict[str, Any]]:
+            passes[0] += 1
+            stream = calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=min_batch)
+            return with_progress(stream, per_rank, f"calibrate (pass {passes[0]})") if self.progress else stream
+
+        table = calibrate(model, batches, num_images=per_rank, forward=self.task.forward)
         if dist.is_main():
             table.to_csv(self.work_dir / "calibration.csv", index=False)
         logger.info(f"calibrated {len(eqs)} fusion sites on {n} images in {time.time() - t0:.1f}s -> calibration.csv")
