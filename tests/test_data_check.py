@@ -104,21 +104,33 @@ def test_data_verify_stops_training_before_the_run_dir_exists(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("verify", ["true", "false"])
-def test_skip_bad_trains_through_a_bad_sample_and_resumes_exactly(tmp_path, verify, capsys):
+def test_skip_bad_with_verify_replaces_the_samples_it_found(tmp_path):
+    import densefuse
+    from densefuse.data.check import SkipBad
+
+    root = ade_tree(tmp_path / "ade")
+    jpg = root / "images" / "training" / "ADE_training_00000002.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:200])
+    cfg = densefuse.load_config(str(ade_config(tmp_path, root)), overrides=[*TRAIN, "data.skip_bad=true"])
+    lines = []
+    trainer = Trainer(cfg, tmp_path / "run", progress=False, log=lines.append)
+    train_set = trainer.task.build_dataset(cfg, "train")
+    wrapped = trainer._verify(train_set, trainer.task.build_dataset(cfg, "val"))  # data.verify null: 8 samples
+    assert isinstance(wrapped, SkipBad) and wrapped.known == {2}
+    assert any("data.skip_bad: 1 bad training samples" in m and "ADE_training_00000002.jpg" in m for m in lines)
+    assert wrapped[2]["name"] == "ADE_training_00000003"  # the next readable sample, by index
+
+
+def test_skip_bad_trains_through_a_bad_sample_and_resumes_exactly(tmp_path, capsys):
     import densefuse
 
     root = ade_tree(tmp_path / "ade")
     jpg = root / "images" / "training" / "ADE_training_00000002.jpg"
     jpg.write_bytes(jpg.read_bytes()[:200])
     cfg = densefuse.load_config(str(ade_config(tmp_path, root)),
-                                overrides=[*TRAIN, "data.skip_bad=true", f"data.verify={verify}"])
-    lines = []
-    Trainer(cfg, tmp_path / "full", progress=False, log=lines.append).run()
-    if verify == "true":
-        assert any("data.skip_bad: 1 bad training samples" in m and "ADE_training_00000002.jpg" in m for m in lines)
-    else:
-        assert "data.skip_bad: cannot decode image file" in capsys.readouterr().err
+                                overrides=[*TRAIN, "data.skip_bad=true", "data.verify=false"])
+    Trainer(cfg, tmp_path / "full", progress=False, log=lambda m: None).run()
+    assert "data.skip_bad: cannot decode image file" in capsys.readouterr().err
 
     original = TrainStep.__call__
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -173,6 +174,7 @@ WORLD_INVARIANT = ["data.pipeline=batch", "data.augment.photometric=true", "mode
                    "calibration.batch_size=4"]
 
 
+@pytest.mark.slow
 def test_default_pipeline_and_dropout_train_alike_on_one_and_two_processes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train(tiny_cfg(*WORLD_INVARIANT, "train.batch_size=4"), one)
