@@ -275,6 +275,31 @@ def train(task: Optional[str], config: Optional[str], overrides: tuple[str, ...]
         click.echo(f"final: {format_metrics(metrics)}")
 
 
+@main.command("check-data")
+@task_opt
+@config_opt
+@set_opt
+@click.option("--split", "splits", multiple=True, help="Split to check (repeatable; default data.train_split and data.val_split).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Decoding threads (default: the CPUs, at most 16).")
+@_friendly
+def check_data_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], splits: tuple[str, ...],
+                   threads: Optional[int]) -> None:
+    """Read every sample of the config's dataset and list every bad file with its reason."""
+    from .data.check import check_splits
+    from .tasks import get_task
+
+    cfg = _load(config, overrides, task, weights=False)
+    data = cfg["data"]
+    show = sys.stderr.isatty()
+    reports = check_splits(get_task(cfg["task"], cfg), cfg, splits or (data["train_split"], data["val_split"]), threads,
+                           progress=(lambda name, done, total: click.echo(f"{name}: {done}/{total}", err=True)) if show else None)
+    for report in reports:
+        click.echo("\n".join(report.lines()))
+    bad = sum(len(r.bad) + len(r.missing) for r in reports)
+    if bad:
+        raise DataError(f"{bad} bad samples (listed above); fix or remove the files, or train with data.skip_bad=true")
+
+
 def format_metrics(metrics: Any) -> str:
     """``{'mIoU': 62.93, 'abs_rel': 0.05123}``: each value through :func:`format_metric`, so small
     metrics (depth's abs_rel) keep their digits."""
@@ -302,7 +327,11 @@ def eval_cmd(config: Optional[str], checkpoint: str, overrides: tuple[str, ...],
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
     data = task.build_dataset(cfg, cfg["data"]["val_split"])
     loader = build_loader(data, cfg["eval"]["batch_size"], train=False, num_workers=cfg["data"]["num_workers"], seed=cfg["seed"])
-    summary, tables = evaluate_full(model, task, loader, task.build_transform(cfg, train=False), device)
+    from .engine.runtime import out_of_memory_hint
+    from .engine.trainer import eval_memory_settings
+
+    with out_of_memory_hint(f"evaluating {checkpoint} on {device}", eval_memory_settings(cfg)):
+        summary, tables = evaluate_full(model, task, loader, task.build_transform(cfg, train=False), device)
     click.echo(_markdown(pd.DataFrame([summary])))
     if out:
         base = Path(out)

@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
         "ratio_range": [0.5, 2.0],
         "cat_max_ratio": 0.75,
         "test_scale": None,  # test-time keep-ratio Resize [long, short]; null = the dataset's; [] = none
+        "verify": None,  # decode every sample before training (densefuse check-data); null: when under 2000 samples
+        "skip_bad": False,  # replace an unreadable sample by the next readable one (deterministic) instead of stopping
     },
     "train": {
         "iters": 1000,
@@ -76,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
         "keep_last": 1,  # iter_<N>.pth checkpoints kept besides latest.pth
         "tensorboard": False,  # also write TensorBoard scalars (needs the tensorboard package)
         "dist_timeout": 1800,  # seconds to wait for the other processes (rendezvous, collectives)
+        "nonfinite": "stop",  # inf/nan loss or gradient norm: stop (nothing written after the last finite state) | skip
+        "nonfinite_limit": 10,  # with skip: stop once more steps than this were dropped
     },
     "optim": {"type": "adamw", "lr": 1.0e-3, "weight_decay": 0.01, "momentum": 0.9,
               "betas": [0.9, 0.999], "norm_decay": True,
@@ -407,6 +411,10 @@ RULES: dict[str, Rule] = {
     "train.accum_steps": _POS_INT,
     "train.keep_last": Rule("int", min=0),
     "train.dist_timeout": Rule("number", gt=0),
+    "train.nonfinite": Rule("str", choices=("stop", "skip")),
+    "train.nonfinite_limit": Rule("int", min=0),
+    "data.verify": Rule("bool", nullable=True),
+    "data.skip_bad": Rule("bool"),
     "optim.type": Rule("str", choices=("adamw", "sgd"), ignore_case=True),
     "optim.lr": Rule("number", gt=0),
     "optim.weight_decay": Rule("number", min=0),

@@ -5,9 +5,13 @@ so one block covers Conv-BN-ReLU, Conv-GN-GELU and a norm-free Conv-LeakyReLU.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+import zlib
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 NormSpec = Union[str, None, Callable[[int], nn.Module]]
@@ -147,3 +151,48 @@ class PPM(nn.ModuleList):
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         return [branch(x) for branch in self]
+
+
+_SAMPLE_SEEDS: contextvars.ContextVar[Optional[list[int]]] = contextvars.ContextVar("densefuse_sample_seeds",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def sample_seeds(seeds: Optional[Tensor]) -> Iterator[None]:
+    """Within the block, :class:`SampleDropout2d` draws each sample's mask from ``seeds`` (B,) (the
+    training loader's per-sample seeds); ``None`` leaves dropout on torch's global RNG."""
+    token = _SAMPLE_SEEDS.set(None if seeds is None else [int(v) for v in seeds.tolist()])
+    try:
+        yield
+    finally:
+        _SAMPLE_SEEDS.reset(token)
+
+
+class SampleDropout2d(nn.Dropout2d):
+    """``nn.Dropout2d`` whose channel mask for each sample comes from that sample's seed (see
+    :func:`sample_seeds`) and :attr:`salt` (the module's name, set by the trainer): a sample is dropped
+    alike whichever process and batch it is in, so N processes with batch b/N train like one process
+    with batch b. Outside :func:`sample_seeds`, under ``torch.compile`` or for a batch of another size,
+    it is ``nn.Dropout2d``. Same state_dict (none)."""
+
+    salt: str = ""
+
+    def forward(self, x: Tensor) -> Tensor:
+        seeds = _SAMPLE_SEEDS.get()
+        if (not self.training or self.p == 0 or seeds is None or len(seeds) != x.shape[0] or x.ndim != 4
+                or torch.compiler.is_compiling()):
+            return super().forward(x)
+        offset = zlib.crc32(self.salt.encode())
+        keep = torch.stack([torch.rand(x.shape[1], generator=torch.Generator().manual_seed((s + offset) % 2**63))
+                            for s in seeds]) >= self.p
+        scale = keep.to(x.dtype) / (1.0 - self.p)
+        return x * scale.to(x.device).view(x.shape[0], x.shape[1], 1, 1)
+
+
+def name_sample_dropouts(model: nn.Module) -> None:
+    """Salt each :class:`SampleDropout2d` of ``model`` with its name (wrapper prefixes of DDP and
+    ``torch.compile`` left out), so two heads of one sample draw different masks."""
+    for name, m in model.named_modules():
+        if isinstance(m, SampleDropout2d):
+            parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
+            m.salt = ".".join(parts)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from densefuse.cli import main, output_stems
+from densefuse.engine.state import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "seg"
@@ -93,7 +94,7 @@ def test_eval_does_not_need_the_pretrained_file_of_the_checkpoint(trained, tmp_p
     wd, _ = trained
     state = torch.load(wd / "final.pth", weights_only=True)
     state["config"]["model"]["encoder"]["pretrained"] = str(tmp_path / "gone.pth")
-    torch.save(state, tmp_path / "moved.pth")
+    save_checkpoint(tmp_path / "moved.pth", state)  # an edited checkpoint gets its new digest
     r = cli("eval", "--checkpoint", tmp_path / "moved.pth")
     assert r.exit_code == 0, r.output
     assert f"{pd.read_csv(wd / 'metrics.csv').iloc[-1]['mIoU']:.2f}" in r.output

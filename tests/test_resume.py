@@ -164,14 +164,24 @@ def test_resume_with_another_config_names_the_keys(tmp_path, reference, killed_a
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_latest_is_a_clear_error_and_nothing_is_overwritten(tmp_path, killed_at_4, damage):
+def test_corrupt_latest_is_a_clear_error_and_nothing_is_overwritten(tmp_path, reference, killed_at_4, damage):
     wd = copy_run(killed_at_4, tmp_path)
     data = (wd / "latest.pth").read_bytes()
     (wd / "latest.pth").write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x00garbage" * 10)
+    copies = {p.name: p.read_bytes() for p in wd.glob("iter_*.pth")}
+    assert copies  # the independent copy of the damaged latest.pth
+    for name in copies:
+        (wd / name).unlink()
     before = {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()}
-    with pytest.raises(DensefuseError, match=r"cannot read checkpoint .*latest\.pth \(corrupt or truncated\?\)"):
+    with pytest.raises(DensefuseError, match=r"cannot read checkpoint .*latest\.pth \(corrupt or truncated\?\).*"
+                                             r"no intact iter_<N>\.pth"):
         train(tiny_cfg(), wd, resume=True)
     assert {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()} == before
+    # with its iter_<N>.pth copy back, --resume falls back to it and ends as the uninterrupted run
+    for name, data in copies.items():
+        (wd / name).write_bytes(data)
+    train(tiny_cfg(), wd, resume=True)
+    assert_same_run(reference, wd)
 
 
 def test_nothing_to_resume(tmp_path):

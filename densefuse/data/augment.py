@@ -17,8 +17,9 @@ torch's global RNG), so runs are reproducible on any device; the pixel work is k
 from __future__ import annotations
 
 import math
+import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
@@ -77,12 +78,32 @@ def _float_image(x: Tensor) -> Tensor:
     return x if torch.is_floating_point(x) else x.float()
 
 
-def _uniform(n: int, lo: float, hi: float, generator: Optional[torch.Generator]) -> Tensor:
-    return torch.rand(n, generator=generator) * (hi - lo) + lo
+#: batch key of per-sample seeds (B,) int64 that the training loader adds (densefuse.data.loader)
+SAMPLE_SEED = "sample_seed"
 
 
-def _coin(n: int, p: float, generator: Optional[torch.Generator]) -> Tensor:
-    return torch.rand(n, generator=generator) < p
+def draws(batch: Mapping[str, Any], generator: Optional[torch.Generator], salt: str) -> Callable[[], Tensor]:
+    """A function returning one uniform [0, 1) value per sample, (B,), at each call.
+
+    With the loader's ``sample_seed`` in ``batch`` each sample draws from its own generator, seeded from
+    its seed and ``salt`` (the op): a sample's parameters depend on its position in the global stream
+    only, so N processes with batch b/N draw what one process with batch b draws. Without it (a batch
+    made by hand), the values come from ``generator`` (or torch's global RNG)."""
+    b = batch["image"].shape[0]
+    seeds = batch.get(SAMPLE_SEED)
+    if not isinstance(seeds, Tensor) or seeds.numel() != b:
+        return lambda: torch.rand(b, generator=generator)
+    offset = zlib.crc32(salt.encode())
+    gens = [torch.Generator().manual_seed((int(v) + offset) % 2**63) for v in seeds.tolist()]
+    return lambda: torch.stack([torch.rand((), generator=g) for g in gens])
+
+
+def _uniform(rand: Callable[[], Tensor], lo: float, hi: float) -> Tensor:
+    return rand() * (hi - lo) + lo
+
+
+def _coin(rand: Callable[[], Tensor], p: float) -> Tensor:
+    return rand() < p
 
 
 class Op(nn.Module, ABC):
@@ -243,11 +264,11 @@ class RandomScaleCrop(GeometricOp):
     def draw(self, batch: Mapping[str, Tensor]) -> Params:
         b, _, H, W = batch["image"].shape
         h, w = self.size or (H, W)
-        r = _uniform(b, *self.scale_range, self.generator)
+        rand = draws(batch, self.generator, "RandomScaleCrop")
+        r = _uniform(rand, *self.scale_range)
         room_y = (H * r - h).clamp(min=0)
         room_x = (W * r - w).clamp(min=0)
-        off = torch.stack([torch.rand(b, generator=self.generator) * room_y,
-                           torch.rand(b, generator=self.generator) * room_x], 1).floor()
+        off = torch.stack([rand() * room_y, rand() * room_x], 1).floor()
         return {"scale": r, "offset": off, "in_size": torch.tensor([H, W])}
 
     def apply(self, batch: Mapping[str, Tensor], params: Params) -> Batch:
@@ -300,7 +321,7 @@ class RandomHorizontalFlip(GeometricOp):
         self.p = float(p)
 
     def draw(self, batch: Mapping[str, Tensor]) -> Params:
-        return {"flip": _coin(batch["image"].shape[0], self.p, self.generator)}
+        return {"flip": _coin(draws(batch, self.generator, "RandomHorizontalFlip"), self.p)}
 
     def apply(self, batch: Mapping[str, Tensor], params: Params) -> Batch:
         return hflip(batch, params["flip"], self.keys)
@@ -344,16 +365,16 @@ class PhotoMetricDistortion(Op):
         self.generator = generator
 
     def draw(self, batch: Mapping[str, Tensor]) -> Params:
-        b, g = batch["image"].shape[0], self.generator
+        rand = draws(batch, self.generator, "PhotoMetricDistortion")
 
         def factor(lo: float, hi: float, identity: float) -> Tensor:
-            v = _uniform(b, lo, hi, g)
-            return torch.where(_coin(b, self.p, g), v, torch.full_like(v, identity))
+            v = _uniform(rand, lo, hi)
+            return torch.where(_coin(rand, self.p), v, torch.full_like(v, identity))
 
         return {
             "brightness": factor(-self.brightness_delta / 255.0, self.brightness_delta / 255.0, 0.0),
             "contrast": factor(*self.contrast_range, 1.0),
-            "contrast_first": _coin(b, 0.5, g),
+            "contrast_first": _coin(rand, 0.5),
             "saturation": factor(*self.saturation_range, 1.0),
             "hue": factor(-self.hue_delta / 180.0, self.hue_delta / 180.0, 0.0) * (2 * math.pi),
         }

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..errors import DensefuseError
 from ..tasks import DenseKey
-from .augment import SEG_KEYS, dense_items
+from .augment import SAMPLE_SEED, SEG_KEYS, dense_items
 
 
 def _dist_info() -> tuple[int, int]:
@@ -153,7 +153,10 @@ class SeededSamples(_Wrapped):
         torch.default_generator.manual_seed(torch_seed)  # CPU only: CUDA's stream is the model's
         np.random.seed(numpy_seed)
         random.seed(python_seed)
-        return self.dataset[index]
+        sample = self.dataset[index]
+        if isinstance(sample, dict):  # the device-side batch augmentation and dropout draw from it
+            sample = {**sample, SAMPLE_SEED: torch.tensor(sample_seeds(self.seed + 1, position)[0] % 2**63)}
+        return sample
 
 
 class ShardSampler(Sampler[int]):

@@ -6,13 +6,14 @@ directory must be empty or hold a densefuse run (its ``config.yaml``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -57,6 +58,34 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class OutOfMemoryError(DensefuseError):
+    """An allocation failed (device or host memory); the message names the settings that size it."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a failed allocation: ``torch.OutOfMemoryError`` (CUDA, MPS) or the CPU
+    allocator's ``RuntimeError`` (``DefaultCPUAllocator: can't allocate ...`` / ``not enough memory``)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("DefaultCPUAllocator: can't allocate", "not enough memory", "out of memory"))
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(what: str, settings: str) -> Iterator[None]:
+    """Turn a failed allocation inside the block into one :class:`OutOfMemoryError` line: ``what`` ran
+    out of memory; lower ``settings``."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split(". Tried to allocate")[0].split(" (Tried to allocate")[0]
+        raise OutOfMemoryError(f"out of memory {what} ({type(e).__name__}: {first[:160]}); lower {settings}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,17 +133,26 @@ class WorkDir:
         wd = self.path
         if wd.exists() and not wd.is_dir():
             raise DensefuseError(f"work dir {wd} is a file")
+        if wd.is_dir() and os.access(wd, os.W_OK) and (wd / LOCK_NAME).exists():
+            self._lock()  # a run using the dir is told first, whatever else the dir holds
         entries = sorted(p.name for p in wd.iterdir()) if wd.is_dir() else []
-        if resume and "latest.pth" not in entries:
+        checkpoints = [e for e in entries if e == "latest.pth" or _ITER_CKPT.match(e)]
+        if resume and not checkpoints:
+            self.close()
             raise DensefuseError(f"nothing to resume in {wd} (no latest.pth)")
-        if entries and "config.yaml" not in entries:
+        if resume and "config.yaml" not in entries and all(_is_run_file(e) for e in entries):
+            pass  # the trainer restores config.yaml from the checkpoint it resumes
+        elif entries and "config.yaml" not in entries:
+            self.close()
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise DensefuseError(f"work dir {wd} holds files densefuse did not create ({shown}); "
                                  "choose an empty or new --work-dir")
         if not resume and "config.yaml" in entries and any(e in entries for e in ("latest.pth", "final.pth")):
+            self.close()
             raise DensefuseError(f"work dir {wd} already holds a run; pass --resume or choose another --work-dir")
         foreign = [e for e in entries if not _is_run_file(e)]
         if foreign and not resume:  # a run's own dir may hold the user's extra files (eval CSVs): left alone
+            self.close()
             raise DensefuseError(f"work dir {wd} holds files densefuse did not create ({', '.join(foreign[:3])}); "
                                  "choose another --work-dir")
         try:
@@ -123,7 +161,8 @@ class WorkDir:
             raise DensefuseError(f"cannot create work dir {wd}: {e.strerror}") from None
         if not os.access(wd, os.W_OK):
             raise DensefuseError(f"work dir {wd} is not writable")
-        self._lock()
+        if self._lock_fd is None:
+            self._lock()
         entries = sorted(p.name for p in wd.iterdir())
         if not resume and any(e in entries for e in ("latest.pth", "final.pth")):
             self.close()

@@ -4,6 +4,15 @@
 ``fp16`` (autocast to float16 with a :class:`torch.amp.GradScaler`, CUDA only). The scaler's state is
 part of the checkpoint. With ``accum_steps`` micro-batches the loss of each is divided by their number
 and DDP synchronizes gradients only on the last one.
+
+Finite-state guard (``train.nonfinite``): the total gradient norm is computed once per step (one fused
+``torch._foreach_norm`` over the gradients, reused by ``grad_clip``) and a non-finite loss or norm
+never reaches the optimizer. ``stop`` raises :class:`NonFiniteError` before the weights change (the
+last checkpoint stays the last finite state); ``skip`` drops the step: the optimizer, its moments and
+the grad scaler are untouched and the BN running statistics of the dropped forward are put back, while
+the scheduler advances (the learning rate stays a function of the iteration, as planned and as a resume
+computes it). Under fp16 the grad scaler already skips steps with inf/nan gradients (that is how it
+finds its scale), so only the loss is checked there.
 """
 from __future__ import annotations
 
@@ -12,12 +21,38 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..data.augment import SAMPLE_SEED
 from ..errors import ConfigError, DensefuseError
+from ..layers import name_sample_dropouts, sample_seeds
 from ..tasks import Task
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(DensefuseError):
+    """The loss, the gradients or the weights became inf/nan; nothing was written after the last finite state."""
+
+
+def grad_norm(params: Sequence[Tensor]) -> Tensor:
+    """The total L2 norm of the gradients of ``params`` (one fused kernel per device and dtype)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+def nonfinite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``tensors`` holding an inf or nan (one fused pass)."""
+    names = [k for k, t in tensors.items() if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    norms = torch._foreach_norm([tensors[k].detach().float() for k in names], 2.0)
+    bad = ~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))
+    return [names[i] for i in bad.nonzero().flatten().tolist()]
 
 
 def check_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -59,41 +94,80 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, scheduler: Any,
                  device: torch.device, amp: str = "off", grad_clip: Optional[float] = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, nonfinite: str = "stop") -> None:
         self.model, self.task, self.optimizer, self.scheduler = model, task, optimizer, scheduler
         self.device = device
         self.dtype = check_amp(amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.grad_clip = grad_clip
         self.channels_last = channels_last
+        if nonfinite not in NONFINITE:
+            raise ConfigError(f"train.nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        name_sample_dropouts(model)
+        #: why the last call dropped its step (``None``: it stepped)
+        self.skipped: Optional[str] = None
 
     def __call__(self, batches: Sequence[Mapping[str, Any]], iteration: int) -> tuple[float, dict[str, float]]:
-        """One optimizer step over ``batches``; returns this rank's mean loss and loss parts."""
+        """One optimizer step over ``batches``; returns this rank's mean loss and loss parts. With
+        ``nonfinite: skip`` a non-finite step is dropped and :attr:`skipped` says why."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.skipped = None
         n = len(batches)
         loss_sum, parts_sum = 0.0, {}
+        buffers = self._buffers() if self.nonfinite == "skip" else None
         for i, batch in enumerate(batches):
             if self.channels_last:
                 batch = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
             sync = i == n - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with autocast(self.device, self.dtype):
+                with autocast(self.device, self.dtype), sample_seeds(batch.get(SAMPLE_SEED)):
                     outputs = self.task.forward(self.model, batch)
                     loss, parts = self.task.loss(outputs, batch)
                 value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise DensefuseError(f"loss became {value} at iteration {iteration + 1}; lower optim.lr")
+                if not math.isfinite(value) and self.nonfinite == "stop":
+                    raise NonFiniteError(f"loss became {value} at iteration {iteration + 1}; lower optim.lr")
+                # skip: backward anyway, so DDP's gradient all-reduce carries the nan to every rank and
+                # all of them drop the step together
                 self.scaler.scale(loss / n).backward()
             loss_sum += value
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-        if self.grad_clip:
+        if not math.isfinite(loss_sum):  # skip (stop raised above)
+            return self._drop(f"loss {loss_sum / n}", buffers, loss_sum / n)
+        if self.dtype is not torch.float16:  # fp16: the scaler skips inf/nan gradients itself
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = float(grad_norm(params))
+            if not math.isfinite(norm):
+                if self.nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"gradient norm became {norm} at iteration {iteration + 1} (loss {loss_sum / n:.6g} was "
+                        "finite); stopped before the weights changed, so the last checkpoint is the last finite "
+                        "state; lower optim.lr, set train.grad_clip, or train.nonfinite=skip to drop such steps")
+                return self._drop(f"gradient norm {norm}", buffers, loss_sum / n)
+            if self.grad_clip:
+                nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(norm))
+        elif self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return loss_sum / n, {k: v / n for k, v in parts_sum.items()}
+
+    def _buffers(self) -> list[Tensor]:
+        """Copies of the floating-point buffers (BN running statistics) a dropped step must put back."""
+        return [b.detach().clone() for b in self.model.buffers() if b.is_floating_point()]
+
+    def _drop(self, why: str, buffers: Optional[list[Tensor]], loss: float) -> tuple[float, dict[str, float]]:
+        """Drop this step (``nonfinite: skip``): no optimizer or scaler update, BN statistics restored,
+        the scheduler advanced."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if buffers is not None:
+            torch._foreach_copy_([b for b in self.model.buffers() if b.is_floating_point()], buffers)
+        self.scheduler.step()
+        self.skipped = why
+        return loss, {}
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

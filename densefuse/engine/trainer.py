@@ -23,19 +23,29 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config
+from ..config import Config, dump
+from ..data.check import SkipBad, check_dataset, reads_files, verify_default
 from ..data.loader import build_loader
 from ..equalizer import calibrate, equalizers, fold
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
 from . import distributed as dist
 from .evaluate import evaluate, evaluate_full, summary_only
 from .logger import RunLogger, check_tensorboard
 from .optim import build_optimizer, build_scheduler
 from .preflight import preflight_evaluation
-from .runtime import WorkDir, capture_rng, default_work_dir, resolve_device, restore_rng, seed_everything, to_device
+from .runtime import (
+    WorkDir,
+    capture_rng,
+    default_work_dir,
+    out_of_memory_hint,
+    resolve_device,
+    restore_rng,
+    seed_everything,
+    to_device,
+)
 from .state import Checkpointer, load_model_state
-from .step import TrainStep, check_amp, check_compile
+from .step import NonFiniteError, TrainStep, check_amp, check_compile, nonfinite_tensors
 
 __all__ = ["Trainer", "calibration_batches", "evaluate", "evaluate_full", "resolve_device", "seed_everything",
            "to_device"]
@@ -55,6 +65,16 @@ def calibration_batches(task: Task, cfg: Mapping[str, Any], dataset: Dataset, de
     return (tf(to_device(b, device)) for b in loader)
 
 
+def with_progress(batches: Iterable[Mapping[str, Any]], total: int, desc: str) -> Iterator[Mapping[str, Any]]:
+    """``batches`` with a progress bar counting their images up to ``total`` (calibration, like training's bar)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
+        for batch in batches:  # counted as it is handed out: the consumer may stop after the last one
+            bar.update(min(int(batch["image"].shape[0]), total - bar.n))
+            yield batch
+
+
 def check_train_config(cfg: Mapping[str, Any], device: torch.device) -> None:
     """Value checks of the ``train`` keys this engine reads, before any work starts."""
     tc = cfg["train"]
@@ -65,8 +85,20 @@ def check_train_config(cfg: Mapping[str, Any], device: torch.device) -> None:
                      ("val_interval", 1), ("ckpt_interval", 1), ("keep_last", 0)):
         if int(tc[key]) < low:
             raise ConfigError(f"train.{key} must be >= {low}, got {tc[key]}")
+    if int(tc["nonfinite_limit"]) < 0:
+        raise ConfigError(f"train.nonfinite_limit must be >= 0, got {tc['nonfinite_limit']}")
     if float(tc["dist_timeout"]) <= 0:
         raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {tc['dist_timeout']}")
+
+
+def eval_memory_settings(cfg: Mapping[str, Any]) -> str:
+    """The settings that size evaluation's memory, with their values (for an out-of-memory line)."""
+    ev = cfg["eval"]
+    if ev["mode"] == "slide":
+        return (f"eval.slide_batch (now {ev['slide_batch']}) or eval.crop_size (now {ev['crop_size']}) "
+                f"(eval.mode slide, eval.batch_size {ev['batch_size']})")
+    return (f"eval.batch_size (now {ev['batch_size']}), or use eval.mode=slide with an eval.crop_size "
+            "(eval.mode is whole)")
 
 
 class Trainer:
@@ -119,14 +151,18 @@ class Trainer:
     def _run(self, logger: RunLogger, model: nn.Module, train_set: Dataset, val_set: Dataset) -> dict[str, float]:
         cfg, task, dev, tc = self.cfg, self.task, self.device, self.cfg["train"]
         ckpt = Checkpointer(self.work_dir, tc["keep_last"])
-        state = dist.on_main(lambda: ckpt.load_latest("cpu", self.cfg.to_dict())) if self.resume else None
+        source = Path(dist.on_main(lambda: str(ckpt.resume_source(logger.info)))) if self.resume else ckpt.latest
+        state = dist.on_main(lambda: ckpt.load_latest("cpu", self.cfg.to_dict(), source)) if self.resume else None
         if state is not None and int(state.get("world_size", 1)) != dist.world_size():
-            raise ConfigError(f"{ckpt.latest} was trained with {state.get('world_size', 1)} processes; "
+            raise ConfigError(f"{source} was trained with {state.get('world_size', 1)} processes; "
                               f"resume it with as many (now {dist.world_size()})")
+        if state is not None and dist.is_main() and not (self.work_dir / "config.yaml").exists():
+            dump(state["config"], self.work_dir / "config.yaml")
+            logger.info(f"config.yaml was missing from {self.work_dir}; restored it from {source}")
         logger.info(f"seed {cfg['seed']}, {dist.world_size()} process(es), device {dev.type}, amp {tc['amp']}, "
                     f"SyncBN {'on' if self._synced_bn() else 'off'}", echo=False)
         if state is not None:
-            load_model_state(model, state, self.work_dir / "latest.pth")
+            load_model_state(model, state, source)
         else:
             self._calibrate(model, train_set, logger)
         optimizer = build_optimizer(model, cfg["optim"])
@@ -135,7 +171,8 @@ class Trainer:
         backend = check_compile(tc["compile"])
         if backend is not None:  # checkpoints keep saving ``model``: no ``_orig_mod.`` prefixes
             train_model = torch.compile(train_model, backend=backend)
-        step = TrainStep(train_model, task, optimizer, scheduler, dev, tc["amp"], tc["grad_clip"], tc["channels_last"])
+        step = TrainStep(train_model, task, optimizer, scheduler, dev, tc["amp"], tc["grad_clip"], tc["channels_last"],
+                         tc["nonfinite"])
         loop = _Loop.fresh()
         if state is None:
             seed_everything(cfg["seed"] + dist.rank())  # different augmentation per rank
@@ -160,13 +197,19 @@ class Trainer:
         model.train()
         logger.start(loop.iter, total)
         for it in range(loop.iter, total):
-            loss, parts = step([train_tf(to_device(next(batches), dev)) for _ in range(accum)], it)
+            with out_of_memory_hint(f"at training iteration {it + 1} on {dev}", self._train_memory_settings()):
+                loss, parts = step([train_tf(to_device(next(batches), dev)) for _ in range(accum)], it)
             done = loop.iter = it + 1
-            loop.add({"loss": loss, **parts})
+            if step.skipped is None:
+                loop.add({"loss": loss, **parts})
+            else:
+                self._skipped(loop, step.skipped, logger)
             report = done % tc["log_interval"] == 0 or done == total
             shown = dist.all_reduce_mean([loss])[0] if report else loss
             logger.iteration(done, shown, step.lr(), images_per_iter, report)
             loop.elapsed = elapsed_before + time.time() - t_start
+            if done % tc["val_interval"] == 0 or done % tc["ckpt_interval"] == 0 or done == total:
+                self._check_finite(model, done, ckpt)
             if done % tc["val_interval"] == 0 or done == total:
                 self._evaluate(model, loop, step, val_loader, eval_tf, ckpt, logger)
             if done % tc["ckpt_interval"] == 0 or done == total:
@@ -179,6 +222,25 @@ class Trainer:
         return dict(loop.metrics)
 
     # ------------------------------------------------------------------ parts of the run
+    def _skipped(self, loop: "_Loop", why: str, logger: RunLogger) -> None:
+        """Count a step dropped by ``train.nonfinite: skip``; stop past ``train.nonfinite_limit``."""
+        loop.skipped += 1
+        limit = int(self.cfg["train"]["nonfinite_limit"])
+        logger.info(f"iteration {loop.iter}: {why}; step skipped ({loop.skipped} so far, train.nonfinite_limit {limit})")
+        if loop.skipped > limit:
+            raise NonFiniteError(f"{loop.skipped} steps had a non-finite loss or gradient (the last at iteration "
+                                 f"{loop.iter}), more than train.nonfinite_limit={limit}; stopped, the last checkpoint "
+                                 "is the last finite state; lower optim.lr or set train.grad_clip")
+
+    def _check_finite(self, model: nn.Module, iteration: int, ckpt: Checkpointer) -> None:
+        """Refuse to evaluate or save weights (parameters and buffers) holding an inf or nan."""
+        bad = nonfinite_tensors(model.state_dict())
+        if bad:
+            kept = ckpt.newest_intact()
+            where = f"the last finite checkpoint is {kept}" if kept else "no checkpoint was written"
+            raise NonFiniteError(f"the weights became non-finite by iteration {iteration} ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); nothing was evaluated or saved, {where}")
+
     def _build(self) -> tuple[nn.Module, Dataset, Dataset]:
         """The model (loading its pretrained file) and the training and validation datasets (indexing and
         checking their files), from the run's seed: identical on every rank."""
@@ -186,12 +248,41 @@ class Trainer:
         data = self.cfg["data"]
         train_set = self.task.build_dataset(self.cfg, data["train_split"])
         val_set = self.task.build_dataset(self.cfg, data["val_split"])
+        train_set = self._verify(train_set, val_set)
         model = self._build_model()
         preflight_evaluation(model, self.task, val_set, self.cfg, self.device, check_amp(self.cfg["train"]["amp"], self.device))
         # the optimizer's and schedule's own checks (param-wise rules, ...) also come before the run dir;
         # the ones used are built after calibration, which may fold new weights into the model
         build_scheduler(build_optimizer(model, self.cfg["optim"]), self.cfg["schedule"], self.cfg["train"]["iters"])
         return model, train_set, val_set
+
+    def _verify(self, train_set: Dataset, val_set: Dataset) -> Dataset:
+        """``data.verify``: read every sample first (rank 0) and stop on a bad one, naming it, or with
+        ``data.skip_bad`` replace the bad training samples deterministically (:class:`SkipBad`)."""
+        data = self.cfg["data"]
+        verify = data["verify"]
+        if verify is None:  # generated data (no files) is not read twice
+            verify = reads_files(train_set) and verify_default([len(train_set), len(val_set)])  # type: ignore[arg-type]
+        known: list[int] = []
+        if verify:
+            names = (f"{data['type']} {data['train_split']}", f"{data['type']} {data['val_split']}")
+            reports = dist.on_main(lambda: [check_dataset(train_set, names[0]), check_dataset(val_set, names[1])])
+            train_report, val_report = reports  # type: ignore[misc]
+            if dist.is_main():
+                for r in reports:  # type: ignore[union-attr]
+                    self._print(f"data.verify: {r.lines()[0]}")
+            bad = [f"{names[1]}: {m}" for m in val_report.bad.values()]
+            if not data["skip_bad"]:
+                bad += [f"{names[0]}: {m}" for m in train_report.bad.values()]
+            if bad:
+                shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+                raise DataError(f"data.verify found {len(bad)} bad samples ({shown}); `densefuse check-data` lists "
+                                "them all; fix the files, or set data.skip_bad=true to train without the training ones")
+            known = sorted(train_report.bad)
+            if known and dist.is_main():
+                self._print(f"data.skip_bad: {len(known)} bad training samples are replaced by the next readable one: "
+                            + "; ".join(train_report.bad[i] for i in known[:5]) + ("; ..." if len(known) > 5 else ""))
+        return SkipBad(train_set, known) if data["skip_bad"] else train_set
 
     def _build_model(self) -> nn.Module:
         cfg, dev = self.cfg, self.device
@@ -211,12 +302,20 @@ class Trainer:
         if not eqs or all(eq.mode == "off" for _, eq in eqs):
             return None
         n = self.cfg["calibration"]["num_images"] or len(dataset)
+        logger.info(f"calibrating {len(eqs)} fusion sites on {n} training images", echo=not self.progress)
         t0 = time.time()
         min_batch = 1 if self._synced_bn() else 2
         # a function, not a generator: chained fusion sites take one pass each over the same images, and a
         # generator would have to be held in memory between passes
-        batches = lambda: calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=min_batch)  # noqa: E731
-        table = calibrate(model, batches, num_images=math.ceil(n / dist.world_size()), forward=self.task.forward)
+        per_rank = math.ceil(n / dist.world_size())
+        passes = [0]
+
+        def batches() -> Iterator[dict[str, Any]]:
+            passes[0] += 1
+            stream = calibration_batches(self.task, self.cfg, dataset, self.device, min_batch=min_batch)
+            return with_progress(stream, per_rank, f"calibrate (pass {passes[0]})") if self.progress else stream
+
+        table = calibrate(model, batches, num_images=per_rank, forward=self.task.forward)
         if dist.is_main():
             table.to_csv(self.work_dir / "calibration.csv", index=False)
         logger.info(f"calibrated {len(eqs)} fusion sites on {n} images in {time.time() - t0:.1f}s -> calibration.csv")
@@ -229,9 +328,15 @@ class Trainer:
         return build_loader(dataset, batch_size, train=train, num_workers=self.cfg["data"]["num_workers"],
                             seed=self.cfg["seed"], start_iter=start_iter)
 
+    def _train_memory_settings(self) -> str:
+        cfg = self.cfg
+        return (f"train.batch_size (now {cfg['train']['batch_size']}) or data.crop_size (now "
+                f"{list(cfg['data']['crop_size'])}), or use train.accum_steps to keep the effective batch")
+
     def _evaluate(self, model: nn.Module, loop: "_Loop", step: TrainStep, loader: Iterable[Mapping[str, Any]],
                   transform: Callable[[dict], dict], ckpt: Checkpointer, logger: RunLogger) -> None:
-        metrics, tables = evaluate_full(model, self.task, loader, transform, self.device, step.dtype)
+        with out_of_memory_hint(f"evaluating at iteration {loop.iter} on {self.device}", eval_memory_settings(self.cfg)):
+            metrics, tables = evaluate_full(model, self.task, loader, transform, self.device, step.dtype)
         loop.metrics = metrics
         summary = summary_only(metrics)
         means = loop.take_means()
@@ -292,8 +397,10 @@ class _Loop:
     metric history, best primary metric, training time so far."""
 
     def __init__(self, iter: int, running: dict[str, float], n_running: int, history: list[dict[str, Any]],
-                 best: Optional[float], best_iter: Optional[int], elapsed: float, metrics: dict[str, float]) -> None:
+                 best: Optional[float], best_iter: Optional[int], elapsed: float, metrics: dict[str, float],
+                 skipped: int = 0) -> None:
         self.iter, self.running, self.n_running = int(iter), dict(running), int(n_running)
+        self.skipped = int(skipped)  # steps dropped by train.nonfinite: skip
         self.history, self.best, self.best_iter = list(history), best, best_iter
         self.elapsed, self.metrics = float(elapsed), dict(metrics)
 
@@ -315,4 +422,5 @@ class _Loop:
 
     def state_dict(self) -> dict[str, Any]:
         return {"iter": self.iter, "running": self.running, "n_running": self.n_running, "history": self.history,
-                "best": self.best, "best_iter": self.best_iter, "elapsed": self.elapsed, "metrics": self.metrics}
+                "best": self.best, "best_iter": self.best_iter, "elapsed": self.elapsed, "metrics": self.metrics,
+                "skipped": self.skipped}

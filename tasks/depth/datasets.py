@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from densefuse.data.check import missing_file
 from densefuse.data.io import read_image
 from densefuse.errors import DataError
 
@@ -203,10 +204,11 @@ class KittiEigen(Dataset):
         self.items: list[tuple[Path, Path, str]] = []
         for img_rel, gt_rel in entries:
             img, gt = self.raw_root / img_rel, self.gt_root / gt_rel
-            for f, kind in ((img, "image"), (gt, "depth")):
-                if not f.is_file():
-                    raise DataError(f"{kind} file not found: {f} (listed in {split_file})")
-            self.items.append((img, gt, Path(img_rel).parts[0]))
+            absent = [(f, kind) for f, kind in ((img, "image"), (gt, "depth")) if not f.is_file()]
+            for f, kind in absent:
+                missing_file(f"{kind} file not found: {f} (listed in {split_file})")
+            if not absent:
+                self.items.append((img, gt, Path(img_rel).parts[0]))
         self.cameras = {date: read_kitti_calib(self.raw_root / date, lidar_plane) for date in {d for *_, d in self.items}}
         self._ground: dict[tuple[str, int, int], tuple[Tensor, Tensor]] = {}
         self.crop = KBCrop(keys or {}, kb_crop) if kb_crop else None
@@ -224,6 +226,11 @@ class KittiEigen(Dataset):
         return self._ground[key]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
+        sample = self.load(index)
+        return self.transform(sample) if self.transform is not None else sample
+
+    def load(self, index: int) -> dict[str, Tensor]:
+        """The decoded, checked and KB-cropped sample before the per-sample ``transform``."""
         img_path, gt_path, date = self.items[index]
         image = read_image(img_path)
         depth = read_depth_png(gt_path)
@@ -235,4 +242,4 @@ class KittiEigen(Dataset):
                   "slope": slope_targets(depth, inv, self.camera_height)}
         if self.crop is not None:
             sample = self.crop(sample)
-        return self.transform(sample) if self.transform is not None else sample
+        return sample

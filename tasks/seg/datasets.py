@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from densefuse.data import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
+from densefuse.data.check import missing_file
 from densefuse.errors import ConfigError, DataError
 
 from .palettes import (
@@ -108,19 +109,23 @@ class SegDataset(Dataset):
 
 
 def _pair_by_listing(img_dir: Path, img_suffix: str, ann_dir: Path, ann_suffix: str) -> list[tuple[Path, Path]]:
-    """Pair every ``*img_suffix`` under ``img_dir`` (recursive, sorted) with the label at the same
-    relative path under ``ann_dir``; a missing label is a DataError naming it."""
-    images = sorted(p for p in img_dir.rglob(f"*{img_suffix}") if p.is_file())
+    """Pair every ``*img_suffix`` under ``img_dir`` (recursive, sorted; suffixes match in any case, so
+    ``.JPG`` counts) with the label at the same relative path under ``ann_dir``; a missing label is a
+    DataError naming it (recorded instead inside :func:`densefuse.data.check.collect_missing`)."""
+    images = sorted(p for p in img_dir.rglob("*") if p.name.lower().endswith(img_suffix.lower()) and p.is_file())
     if not images:
         raise DataError(f"no '*{img_suffix}' images found under {img_dir}")
-    labels = {p for p in ann_dir.rglob(f"*{ann_suffix}")}
+    labels = {p.relative_to(ann_dir).as_posix().lower(): p for p in ann_dir.rglob("*")
+              if p.name.lower().endswith(ann_suffix.lower())}
     pairs = []
     for img in images:
         rel = img.relative_to(img_dir).as_posix()
         lab = ann_dir / (rel[: -len(img_suffix)] + ann_suffix)
-        if lab not in labels:
-            raise DataError(f"label file not found: {lab} (for image {img})")
-        pairs.append((img, lab))
+        found = labels.get((rel[: -len(img_suffix)] + ann_suffix).lower())
+        if found is None:
+            missing_file(f"label file not found: {lab} (for image {img})")
+            continue
+        pairs.append((img, found))
     return pairs
 
 
@@ -173,23 +178,25 @@ class PascalVOC(SegDataset):
             parts = [("aug", ["SegmentationClassAug"])]
         else:
             parts = [(split, ["SegmentationClass"])]
-        images = {p.name for p in img_dir.iterdir()}
+        images = {p.name.lower(): p.name for p in img_dir.iterdir()}
         pairs: list[tuple[Path, Path]] = []
         for list_name, ann_names in parts:
             ids = self._read_ids(root / "ImageSets" / "Segmentation" / f"{list_name}.txt")
             ann_dirs = [root / a for a in ann_names]
             if not any(d.is_dir() for d in ann_dirs):
                 raise DataError(f"Pascal VOC annotation directory not found: {ann_dirs[0]}")
-            listings = [{p.name for p in d.iterdir()} if d.is_dir() else set() for d in ann_dirs]
+            listings = [{p.name.lower(): p.name for p in d.iterdir()} if d.is_dir() else {} for d in ann_dirs]
             for i in ids:
-                if f"{i}.jpg" not in images:
-                    raise DataError(f"image file not found: {img_dir / (i + '.jpg')} (listed in {list_name}.txt)")
+                image = images.get(f"{i}.jpg".lower())
+                if image is None:
+                    missing_file(f"image file not found: {img_dir / (i + '.jpg')} (listed in {list_name}.txt)")
+                    continue
                 for d, names in zip(ann_dirs, listings):
-                    if f"{i}.png" in names:
-                        pairs.append((img_dir / f"{i}.jpg", d / f"{i}.png"))
+                    if f"{i}.png".lower() in names:
+                        pairs.append((img_dir / image, d / names[f"{i}.png".lower()]))
                         break
                 else:
-                    raise DataError(f"label file not found: {ann_dirs[0] / (i + '.png')} (listed in {list_name}.txt)")
+                    missing_file(f"label file not found: {ann_dirs[0] / (i + '.png')} (listed in {list_name}.txt)")
         super().__init__(pairs, False, transform)
         self.root, self.split = root, split
 
