@@ -172,21 +172,30 @@ class SampleDropout2d(nn.Dropout2d):
     """``nn.Dropout2d`` whose channel mask for each sample comes from that sample's seed (see
     :func:`sample_seeds`) and :attr:`salt` (the module's name, set by the trainer): a sample is dropped
     alike whichever process and batch it is in, so N processes with batch b/N train like one process
-    with batch b. Outside :func:`sample_seeds`, under ``torch.compile`` or for a batch of another size,
-    it is ``nn.Dropout2d``. Same state_dict (none)."""
+    with batch b. Outside :func:`sample_seeds` or for a batch of another size it is ``nn.Dropout2d``.
+    Under ``torch.compile`` the masks are drawn outside the graph, so a compiled run drops what an eager
+    one drops. Same state_dict (none)."""
 
     salt: str = ""
 
     def forward(self, x: Tensor) -> Tensor:
-        seeds = _SAMPLE_SEEDS.get()
-        if (not self.training or self.p == 0 or seeds is None or len(seeds) != x.shape[0] or x.ndim != 4
-                or torch.compiler.is_compiling()):
+        if not self.training or self.p == 0 or x.ndim != 4:
             return super().forward(x)
-        offset = zlib.crc32(self.salt.encode())
-        keep = torch.stack([torch.rand(x.shape[1], generator=torch.Generator().manual_seed((s + offset) % 2**63))
-                            for s in seeds]) >= self.p
-        scale = keep.to(x.dtype) / (1.0 - self.p)
-        return x * scale.to(x.device).view(x.shape[0], x.shape[1], 1, 1)
+        scale = _sample_dropout_scale(self.salt, self.p, x)
+        return super().forward(x) if scale is None else x * scale
+
+
+@torch.compiler.disable
+def _sample_dropout_scale(salt: str, p: float, x: Tensor) -> Optional[Tensor]:
+    """(B, C, 1, 1) keep-mask / (1 - p) drawn from the per-sample seeds in force, or ``None`` without them
+    (or for a batch of another size). Kept out of compiled graphs: it reads the seeds of the current step."""
+    seeds = _SAMPLE_SEEDS.get()
+    if seeds is None or len(seeds) != x.shape[0]:
+        return None
+    offset = zlib.crc32(salt.encode())
+    keep = torch.stack([torch.rand(x.shape[1], generator=torch.Generator().manual_seed((s + offset) % 2**63))
+                        for s in seeds]) >= p
+    return (keep.to(x.dtype) / (1.0 - p)).to(x.device).view(x.shape[0], x.shape[1], 1, 1)
 
 
 def name_sample_dropouts(model: nn.Module) -> None:

