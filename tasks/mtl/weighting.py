@@ -9,6 +9,7 @@ task's loss in this step) as floats for the training log.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -25,7 +26,7 @@ UNCERTAINTY_KINDS = ("regression", "classification")
 Losses = Mapping[str, Optional[Tensor]]
 
 
-class LossWeighting(nn.Module):
+class LossWeighting(nn.Module, abc.ABC):
     """Base: a fixed list of tasks and the weighted sum of the losses present in a step."""
 
     def __init__(self, tasks: Sequence[str]) -> None:
@@ -46,9 +47,9 @@ class LossWeighting(nn.Module):
             raise ValueError("no task has a loss in this step")
         return out
 
+    @abc.abstractmethod
     def weights(self) -> dict[str, float]:
         """The current factor of every task's loss (what the next step uses)."""
-        raise NotImplementedError
 
     def forward(self, losses: Losses) -> tuple[Tensor, dict[str, float]]:
         w = self.weights()
