@@ -15,6 +15,7 @@ Prints a Markdown table and writes ``results/measure_checks.csv``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import threading
@@ -56,10 +57,8 @@ def measure_save() -> list[dict]:
 
         def sample() -> None:
             while not done.is_set():
-                try:
+                with contextlib.suppress(FileNotFoundError):  # a temp file renamed while listed
                     peak.append(folder_bytes(d))
-                except FileNotFoundError:  # a temp file renamed while listed
-                    pass
                 time.sleep(0.002)
 
         t = threading.Thread(target=sample)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .io import IGNORE_INDEX
+from .loader import _Wrapped
 
 #: datasets with fewer samples (all splits used together) are checked before training when
 #: ``data.verify`` is null: about 1.5 min at the (loaded-machine) rate measured in docs/training.md
@@ -139,24 +140,16 @@ def check_dataset(dataset: Dataset, name: str, threads: Optional[int] = None, mi
     return Report(name, n, bad, list(missing), time.perf_counter() - t0, threads)
 
 
-class SkipBad(Dataset):
+class SkipBad(_Wrapped):
     """``data.skip_bad``: a dataset whose unreadable samples are replaced by the next readable one (by
     index, wrapping around), so the replacement depends only on the index and a resume reads the same
     stream. ``known`` bad indices (from a check) are replaced without being read; others are found when
     read, and each is announced once on stderr."""
 
     def __init__(self, dataset: Dataset, known: Sequence[int] = ()) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         self.known = set(int(i) for i in known)
         self._told: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:  # num_classes, samples, ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Any:
         n = len(self)
