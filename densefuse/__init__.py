@@ -1,7 +1,7 @@
 """densefuse: dense prediction with scale-equalized multi-level feature fusion."""
 from . import smp  # segmentation_models_pytorch is imported lazily inside
 from .calibration import calibrate, equalizers, fold, measure, set_mode
-from .config import Config, load_config
+from .config import Config, CoreConfig, load_config
 from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, ConfigError, DataError, DensefuseError
 from .fusion import Fusion
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config",
+    "CoreConfig",
     "CalibrationError",
     "ConfigError",
     "DataError",

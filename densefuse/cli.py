@@ -60,13 +60,11 @@ def _load(config: Optional[str], overrides: tuple[str, ...], task: Optional[str]
 
 
 def _validate(cfg: Any, weights: bool = True) -> None:
-    """Value checks shared by every command: the device name, the task's own checks and (``weights``)
-    the pretrained file ``model.encoder.pretrained`` names."""
+    """What a loaded config cannot say by itself: that its device exists here and (``weights``) the pretrained
+    file ``model.encoder.pretrained`` names is there (the values were checked when it was loaded)."""
     from .encoders import check_pretrained
-    from .tasks import get_task
 
     _resolve_device(cfg["device"], check_only=True)
-    get_task(cfg["task"], cfg).validate_config(cfg)
     model = cfg["model"]
     if weights and model["type"] != "smp":
         check_pretrained(model["encoder"]["pretrained"], model["encoder"]["name"])
@@ -196,6 +194,7 @@ def _checkpoint_config(checkpoint: str, config: Optional[str], overrides: tuple[
     ``--config`` is given; an mmseg checkpoint needs ``--config`` and runs with ``model.equalizer.mode: off``
     (its weights are a plain network)."""
     from .config import from_dict
+    from .config.loader import drop_legacy_keys
 
     if config is None:
         if from_mmseg:
@@ -203,7 +202,7 @@ def _checkpoint_config(checkpoint: str, config: Optional[str], overrides: tuple[
                                  f"its model (docs/paper.md, 'Coming from mmseg')")
         if "config" not in state:
             raise DensefuseError(f"{checkpoint} has no embedded config; pass --config")
-        cfg = from_dict(state["config"], overrides, source=f"{checkpoint} (embedded config)")
+        cfg = from_dict(drop_legacy_keys(state["config"]), overrides, source=f"{checkpoint} (embedded config)")
         _validate(cfg, weights=False)
     else:
         cfg = _load(config, overrides, weights=False)

@@ -4,7 +4,7 @@ One entry point, :func:`infer`, used for evaluation and prediction alike. The mo
 through the task's ``forward(model, batch)``; test-time views are combined by the task's ``merge`` (mmseg
 averages softmax probabilities for segmentation; the default here is the plain mean of the outputs).
 
-The ``eval`` config keys it reads (densefuse.config.DEFAULTS has them; read with ``.get`` so plain dicts work)::
+The ``eval`` config keys it reads (:class:`densefuse.config.sections.EvalSection`; a plain dict is checked once)::
 
     eval:
       mode: whole            # whole | slide
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .config.schema import build_section
+from .config.sections import EvalSection
 from .tasks import unwrap_outputs
 
 Forward = Callable[[nn.Module, Mapping[str, Any]], Any]
@@ -32,53 +33,6 @@ Merge = Callable[[list[Tensor]], Any]
 
 #: mmseg's multi-scale TTA ratios (``tta_pipeline`` of the dataset configs).
 MMSEG_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-#: ``eval`` keys read here, with their defaults (the same as densefuse.config.DEFAULTS).
-EVAL_DEFAULTS: dict[str, Any] = {
-    "mode": "whole",
-    "crop_size": None,
-    "stride": None,
-    "slide_batch": 8,
-    "tta": {"flip": False, "scales": None},
-}
-
-
-def _pair(v: Any, key: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v):
-        return int(v[0]), int(v[1])
-    raise ConfigError(f"eval.{key} must be a positive int or [h, w], got {v!r}")
-
-
-def check_eval_config(cfg: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``eval`` section's inference keys with defaults filled and values checked (ConfigError otherwise)."""
-    cfg = cfg or {}
-    out = {k: cfg.get(k, v) for k, v in EVAL_DEFAULTS.items()}
-    tta = dict(EVAL_DEFAULTS["tta"])
-    tta.update(cfg.get("tta") or {})
-    unknown = set(tta) - set(EVAL_DEFAULTS["tta"])
-    if unknown:
-        raise ConfigError(f"unknown config key 'eval.tta.{sorted(unknown)[0]}' (known: flip, scales)")
-    out["tta"] = tta
-    if out["mode"] not in ("whole", "slide"):
-        raise ConfigError(f"eval.mode must be 'whole' or 'slide', got {out['mode']!r}")
-    if out["mode"] == "slide":
-        if out["crop_size"] is None or out["stride"] is None:
-            raise ConfigError("eval.mode 'slide' needs eval.crop_size and eval.stride")
-        out["crop_size"] = _pair(out["crop_size"], "crop_size")
-        out["stride"] = _pair(out["stride"], "stride")
-        if any(s > c for s, c in zip(out["stride"], out["crop_size"])):
-            raise ConfigError(f"eval.stride {list(out['stride'])} larger than eval.crop_size "
-                              f"{list(out['crop_size'])} would skip pixels")
-    if not isinstance(out["slide_batch"], int) or out["slide_batch"] < 1:
-        raise ConfigError(f"eval.slide_batch must be a positive int, got {out['slide_batch']!r}")
-    scales = tta["scales"]
-    if scales is not None and (not isinstance(scales, (list, tuple)) or not scales
-                               or not all(isinstance(s, (int, float)) and s > 0 for s in scales)):
-        raise ConfigError(f"eval.tta.scales must be a list of positive ratios, got {scales!r}")
-    return out
-
 
 def mean_merge(outputs: list[Tensor]) -> Tensor:
     """Default TTA merge: the mean of the views' outputs."""
@@ -186,7 +140,7 @@ def infer(forward: Forward, model: nn.Module, batch: Mapping[str, Any], eval_cfg
     per-pixel batch key of the image's size (labels, ``ground``, ``valid``). Without TTA the outputs are
     returned as computed (no merge).
     """
-    cfg = check_eval_config(eval_cfg)
+    cfg = build_section(EvalSection, eval_cfg, "eval.")
     size = tuple(batch["image"].shape[-2:])
 
     def run(view: Mapping[str, Any]) -> Tensor:

@@ -6,14 +6,16 @@ model with equalizers attached) is registered lazily so that importing densefuse
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import heads as _heads  # noqa: F401  (registers the built-in decoders and predictors)
-from .config import check_kwargs
+from .config.schema import Origin, plain, rule_from_default, type_name
 from .encoders import TimmEncoder
+from .errors import ConfigError, did_you_mean
 from .registry import HEADS, MODELS, PREDICTORS, arguments
 
 #: decoder arguments filled from ``model.*`` and the encoder, never written in a head section
@@ -113,7 +115,6 @@ def build_head(
     seed gives the same initial weights as mmseg (and as earlier densefuse versions).
     """
     spec = {k: v for k, v in spec.items() if k not in SECTION_EXTRAS.get(section, {})}
-    check_kwargs(section, spec, head_arguments(section, spec))
     decoder_cls = HEADS.get(spec.pop("type"), key=f"{section}.type")
     predictor_cls = PREDICTORS.get(spec.pop("predictor", DEFAULT_PREDICTOR), key=f"{section}.predictor")
     p_args = arguments(predictor_cls)
@@ -132,16 +133,93 @@ def build_head(
     return decoder, predictor
 
 
-@MODELS.register("encoder_decoder")
+HEAD_SECTIONS = ("model.decode_head", "model.auxiliary_head")
+
+
+def _get(cfg: Mapping, dotted: str) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, Mapping) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the kind of a head argument's default (no default: anything fits)."""
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return True
+    return rule_from_default(default).ok(value) or (isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Origin) -> None:
+    """Validate the head sections against the head they name, before any model is built.
+
+    When the head type differs from the one the ``_base_`` files give (a switch by the top file or
+    ``--set``), inherited keys the new head does not take (unknown, or of the wrong kind, e.g. UPerHead's
+    ``in_index`` list for PSPHead) are dropped: the new head's defaults apply. Keys the user wrote (in
+    the top file or ``--set``) are never dropped: a wrong one is an error saying what to change.
+    """
+    for section in HEAD_SECTIONS:
+        spec = _get(cfg, section)
+        if not spec:
+            continue
+        base = _get(inherited, section) or {}
+        switched = base.get("type") is not None and spec.get("type") != base.get("type")
+        try:
+            accepted = head_arguments(section, spec)
+        except ConfigError as e:  # an unknown type or predictor: name where that key came from
+            key = "predictor" if f"{section}.predictor" in str(e) else "type"
+            raise ConfigError(f"{source(f'{section}.{key}')}: {e}") from None
+        choices = _head_choices(section, spec)
+        kind = f"{section}.type '{spec.get('type')}'"
+        for key in list(spec):
+            path = f"{section}.{key}"
+            ok = key in accepted and _fits(spec[key], accepted[key])
+            bad_choice = key in accepted and key in choices and spec[key] not in choices[key]
+            if ok and not bad_choice:
+                continue
+            if switched and path not in written and key in base:
+                del spec[key]
+                continue
+            where = f"{source(path)}: "
+            if bad_choice:  # whatever its type: the choices say what to write
+                raise ConfigError(f"{where}'{path}' must be one of {', '.join(choices[key])}, "
+                                  f"got {type_name(spec[key])} {spec[key]!r}"
+                                  f"{did_you_mean(str(spec[key]), choices[key])}")
+            if key not in accepted:
+                hint = did_you_mean(key, accepted, section + ".")
+                names = ", ".join(k for k in accepted if k != "type")
+                raise ConfigError(f"{where}unknown config key '{path}' for {kind}{hint}; remove it "
+                                  f"(that head takes: {names})")
+            want = rule_from_default(accepted[key]).describe()
+            raise ConfigError(f"{where}'{path}' must be {want} for {kind}, got {type_name(spec[key])} "
+                              f"{spec[key]!r}; remove it to use the default {plain(accepted[key])!r}")
+        missing = [k for k, default in accepted.items() if default is inspect.Parameter.empty and k not in spec]
+        if missing:
+            raise ConfigError(f"{source(section + '.type')}: {kind} needs '{section}.{missing[0]}' "
+                              f"(required arguments: {', '.join(missing)})")
+        need, why = getattr(HEADS.get(spec["type"]), "min_batch_size", lambda _: (1, ""))(spec)
+        batch = cfg["train"]["batch_size"]
+        if batch < need:
+            raise ConfigError(f"{source('train.batch_size')}: train.batch_size={batch} is too small for {kind}: "
+                              f"{why}; use train.batch_size >= {need}")
+
+
+def _head_choices(section: str, spec: Mapping[str, Any]) -> dict[str, tuple]:
+    """Allowed values a head declares for some of its arguments (``arg_choices``)."""
+    return dict(getattr(HEADS.get(spec.get("type"), key=f"{section}.type"), "arg_choices", {}))
+
+
+
+@MODELS.register("encoder_decoder", check=check_heads)
 def build_encoder_decoder(cfg: Mapping[str, Any]) -> EncoderDecoder:
     """timm encoder + decoder + predictor (+ auxiliary decoder + predictor) from ``cfg.model``."""
     m = cfg["model"]
     eq = m.get("equalizer") or {}
-    enc = dict(m["encoder"])
-    kwargs = dict(enc.pop("kwargs", None) or {})
-    check_kwargs("model.encoder", enc, ["name", "out_indices", "output_stride", "pretrained"])
-    encoder = TimmEncoder(enc["name"], enc.get("out_indices"), enc.get("output_stride"),
-                          enc.get("pretrained"), **kwargs)
+    enc = m["encoder"]
+    encoder = TimmEncoder(enc["name"], enc["out_indices"], enc["output_stride"], enc["pretrained"],
+                          **dict(enc["kwargs"] or {}))
     common = {"align_corners": m["align_corners"], "eq_mode": eq.get("mode", "explicit"), "eq_eps": eq.get("eps", 1e-5)}
     decoder, predictor = build_head(m["decode_head"], "model.decode_head", encoder.channels, m["num_classes"], common)
     aux = aux_predictor = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from importlib.metadata import entry_points
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .errors import ConfigError, did_you_mean
@@ -21,25 +22,43 @@ class Registry:
 
     ``register("name")`` is a decorator, ``register("name", obj)`` a call; ``register_lazy("name",
     "module:attr")`` defers the import until the name is first looked up (so that importing densefuse
-    does not import an optional dependency such as segmentation_models_pytorch).
+    does not import an optional dependency such as segmentation_models_pytorch). With ``group``, names
+    installed under that entry-point group are found too (loaded at their first lookup). ``check`` registers
+    a config check with an entry (``model.type`` builders check their sections at config load, see
+    :meth:`checker`); ``on_load(name, obj)`` runs for every object added.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, group: Optional[str] = None,
+                 on_load: Optional[Callable[[str, Any], None]] = None) -> None:
         self.kind = kind
+        self.group = group
+        self._on_load = on_load
         self._items: dict[str, Any] = {}
         self._lazy: dict[str, str] = {}
+        self._checks: dict[str, Callable[..., None]] = {}
 
-    def register(self, name: str, obj: Any = None) -> Any:
+    def register(self, name: str, obj: Any = None, check: Optional[Callable[..., None]] = None) -> Any:
         """Add ``obj`` under ``name``; without ``obj``, return a decorator that does."""
         if obj is None:
             def deco(o: T) -> T:
-                self.register(name, o)
+                self.register(name, o, check)
                 return o
 
             return deco
+        if self._on_load is not None:
+            self._on_load(name, obj)
         self._items[name] = obj
         self._lazy.pop(name, None)
+        if check is not None:
+            self._checks[name] = check
         return obj
+
+    def checker(self, name: str) -> Optional[Callable[..., None]]:
+        """The config check registered with ``name`` (None when it has none)."""
+        return self._checks.get(name)
+
+    def _installed(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group=self.group)} if self.group else {}
 
     def register_lazy(self, name: str, target: str) -> None:
         """Add ``name`` as ``"package.module:attribute"``, imported at the first :meth:`get`."""
@@ -51,10 +70,11 @@ class Registry:
         if isinstance(name, str) and name in self._items:
             return self._items[name]
         if isinstance(name, str) and name in self._lazy:
-            module, _, attr = self._lazy[name].partition(":")
-            self._items[name] = getattr(importlib.import_module(module), attr)
-            del self._lazy[name]
-            return self._items[name]
+            module, _, attr = self._lazy.pop(name).partition(":")
+            return self.register(name, getattr(importlib.import_module(module), attr))
+        installed = self._installed() if isinstance(name, str) else {}
+        if name in installed:
+            return self.register(name, installed[name].load())
         what = key or f"{self.kind} type"
         known = self.names()
         raise ConfigError(
@@ -62,8 +82,8 @@ class Registry:
         )
 
     def names(self) -> list[str]:
-        """Every registered name (lazy ones included), sorted."""
-        return sorted(set(self._items) | set(self._lazy))
+        """Every registered name (lazy and installed ones included), sorted."""
+        return sorted(set(self._items) | set(self._lazy) | set(self._installed()))
 
     def __getitem__(self, name: str) -> Any:
         return self.get(name)
@@ -109,7 +129,10 @@ def arguments(obj: Callable) -> dict[str, Any]:
 HEADS = Registry("head")
 #: predictors (``model.decode_head.predictor``): turn a decoder's features into the task output
 PREDICTORS = Registry("predictor")
-#: model builders (``model.type``): ``builder(cfg) -> nn.Module``
+#: model builders (``model.type``): ``builder(cfg) -> nn.Module``, with the check of their config sections
 MODELS = Registry("model")
-#: tasks defined in code (installed tasks are found through entry points, see densefuse.tasks)
-TASKS = Registry("task")
+#: entry-point group of task plugins (``seg`` ships as ``densefuse_tasks.seg:SegTask``)
+TASK_GROUP = "densefuse.tasks"
+#: tasks: registered in code (``densefuse.tasks.register_task``) or installed under :data:`TASK_GROUP`; each
+#: task class is told the name it is registered under
+TASKS = Registry("task", group=TASK_GROUP, on_load=lambda name, cls: setattr(cls, "name", name))

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .errors import ConfigError, did_you_mean
-from .registry import TASKS
+from .config.sections import CoreConfig
+from .registry import TASK_GROUP, TASKS
 
-ENTRY_POINT_GROUP = "densefuse.tasks"
+ENTRY_POINT_GROUP = TASK_GROUP
 
 
 @dataclass(frozen=True)
@@ -63,12 +62,13 @@ class Task(ABC):
     metric_direction: str = "max"
     #: the dense keys of this task's batches besides ``"image"``, with how augmentation moves them
     dense_keys: Mapping[str, DenseKey] = {}
-    #: defaults of the task's own config section ``cfg[<task name>]`` (checked like the core's keys)
-    config_section: Mapping[str, Any] = {}
+    #: the schema of this task's configs: :class:`~densefuse.config.sections.CoreConfig` or a subclass adding the
+    #: task's own section (``cfg.<task name>``) and the keys it reads in core sections (``tasks/seg/config.py``)
+    config_class: type[CoreConfig] = CoreConfig
 
     def __init__(self, cfg: Optional[Mapping[str, Any]] = None) -> None:
-        #: the resolved run config (see densefuse.config); loss weights etc. are read from it.
-        self.cfg = cfg if cfg is not None else {}
+        #: the validated run config (see densefuse.config; the defaults when none is given)
+        self.cfg = cfg if cfg is not None else self.config_class()
 
     @abstractmethod
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
@@ -84,8 +84,9 @@ class Task(ABC):
         calibration, prediction). Tasks whose model takes more than the image override it."""
         return model(batch["image"])
 
-    def validate_config(self, cfg: Mapping[str, Any]) -> None:
-        """Check values the key/type check cannot (ranges, combinations); raise :class:`ConfigError`."""
+    def validate_config(self, cfg: Any) -> None:
+        """Check what the declared rules cannot (dataset kwargs, combinations of keys); raise
+        :class:`~densefuse.errors.ConfigError`. Runs once, when the config is loaded: builders never repeat it."""
         return None
 
     def is_better(self, value: float, best: Optional[float]) -> bool:
@@ -127,39 +128,23 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator for tasks defined in code (tests, notebooks); installed tasks use entry points."""
 
     def deco(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        TASKS.register(name, cls)
-        return cls
+        return TASKS.register(name, cls)  # the registry sets cls.name
 
     return deco
 
 
-def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def available_tasks() -> list[str]:
     """Names of every task: registered in code or installed under the entry-point group."""
-    return sorted(set(TASKS.names()) | set(_entry_points()))
+    return TASKS.names()
 
 
 def get_task(name: str, cfg: Optional[Mapping[str, Any]] = None) -> Task:
-    """Instantiate the task called ``name``; an unknown name is a :class:`ConfigError`."""
+    """Instantiate the task called ``name``; an unknown name is a :class:`~densefuse.errors.ConfigError`."""
     return task_class(name)(cfg)
 
 
 def task_class(name: str) -> type[Task]:
-    """The class of the task called ``name`` (not instantiated); an unknown name is a :class:`ConfigError`."""
-    if name not in TASKS:
-        eps = _entry_points()
-        if name not in eps:
-            known = available_tasks()
-            raise ConfigError(
-                f"unknown task '{name}'{did_you_mean(str(name), known)}; available: {', '.join(known) or 'none'}"
-            )
-        cls = eps[name].load()
-        cls.name = name
-        TASKS.register(name, cls)
+    """The class of the task called ``name`` (not instantiated); an unknown name is a ConfigError."""
     return TASKS.get(name, key="task")
 
 

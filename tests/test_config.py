@@ -73,10 +73,12 @@ def test_missing_and_invalid_files(tmp_path):
         densefuse.load_config(tmp_path / "loop.yaml")
 
 
-def test_head_kwargs_are_checked_at_build(default_cfg):
-    default_cfg.model.decode_head["pool_scale"] = [1, 2]
-    with pytest.raises(ConfigError, match=r"model.decode_head.pool_scale' \(did you mean 'model.decode_head.pool_scales'"):
-        densefuse.build_model(default_cfg)
+def test_head_kwargs_are_checked_when_a_config_is_validated(default_cfg):
+    data = default_cfg.to_dict()
+    data["model"]["decode_head"]["pool_scale"] = [1, 2]
+    with pytest.raises(ConfigError, match=r"model.decode_head.pool_scale' for model.decode_head.type 'uper' "
+                                          r"\(did you mean 'model.decode_head.pool_scales'"):
+        densefuse.config.from_dict(data)
 
 
 def test_bare_names_resolve_in_configs_dir():
@@ -285,11 +287,13 @@ def test_an_embedded_config_keeps_every_key(default_cfg):
 
 
 def test_task_rules_list_choices_for_any_type():
-    from densefuse.config import Rule, rules_for
+    from densefuse.config import Rule
+    from densefuse.config.loader import config_class
 
-    rules = rules_for("depth")
+    rules = config_class("depth").rules()
     assert rules["depth.eval_crop"] == Rule("str", choices=("garg", "eigen", "none"))
-    assert "train.amp" in rules and not any(k.startswith("seg.") for k in rules_for("seg"))
+    assert "train.amp" in rules and not any(k.startswith("depth.") for k in config_class("seg").rules())
+    assert "data.pipeline" in config_class("seg").rules() and "data.pipeline" not in rules
     with pytest.raises(ConfigError, match=r"'depth.eval_crop' must be one of garg, eigen, none, got int 3"):
         densefuse.load_config("depth/gedepth-vanilla_r18_1xb4-300_synthetic-64x192", ["depth.eval_crop=3"])
 

@@ -112,7 +112,7 @@ def test_the_name_says_what_the_config_runs(path):
 @pytest.mark.parametrize("path", SHIPPED + BASES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_shipped_file_repeats_a_key(path):
     """The reader refuses a repeated key, so reading every file (bases too) with it is the check."""
-    from densefuse.config import _read_yaml
+    from densefuse.config.loader import _read_yaml
 
     assert isinstance(_read_yaml(path), dict)
 
@@ -141,6 +141,6 @@ def test_a_repeated_key_in_a_base_or_nested_mapping_is_refused(tmp_path):
 def test_yaml_merge_keys_may_override(tmp_path):
     """``<<: *anchor`` followed by a key of the anchor is an override, not a duplicate."""
     (tmp_path / "m.yaml").write_text("x: &a {iters: 3, batch_size: 2}\ntrain:\n  <<: *a\n  iters: 5\n")
-    from densefuse.config import _read_yaml
+    from densefuse.config.loader import _read_yaml
 
     assert _read_yaml(tmp_path / "m.yaml")["train"] == {"iters": 5, "batch_size": 2}

@@ -1,11 +1,8 @@
 """The KITTI configs: GEDepth's no-decay rule (position tables, norms) through optim.paramwise.custom_keys."""
-import copy
-
 import pytest
 
 import densefuse
-import densefuse.config as config
-from densefuse.engine.optim import PARAMWISE_DEFAULTS, paramwise_rules
+from densefuse.engine.optim import paramwise_rules
 
 SWIN_L = ["depth/gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704.yaml",
           "depth/gedepth-adaptive_swin-l_8xb2-76.8k_kitti-352x704.yaml"]
@@ -15,17 +12,8 @@ TINY_SWIN = ["model.encoder.kwargs={embed_dim: 16, depths: [1, 1, 1, 1], num_hea
              "model.decode_head.stem_channels=8", "model.decode_head.attention_channels=8", "data.root=unused"]
 
 
-@pytest.fixture
-def paramwise_keys(monkeypatch):
-    """The optim.paramwise keys in the config schema (as densefuse/engine/optim.py declares them)."""
-    defaults = copy.deepcopy(config.DEFAULTS)
-    defaults["optim"]["paramwise"] = copy.deepcopy(PARAMWISE_DEFAULTS)
-    monkeypatch.setattr(config, "DEFAULTS", defaults)
-    monkeypatch.setattr(config, "OPEN", config.OPEN | {"optim.paramwise.custom_keys"})
-
-
 @pytest.mark.parametrize("name", SWIN_L)
-def test_swin_l_configs_take_no_decay_on_position_tables_and_norms(paramwise_keys, name):
+def test_swin_l_configs_take_no_decay_on_position_tables_and_norms(name):
     cfg = densefuse.load_config(name, TINY_SWIN)
     assert cfg["model"]["encoder"]["name"] == "swin-l"
     model = densefuse.get_task("depth", cfg).build_model(cfg)
@@ -42,7 +30,7 @@ def test_swin_l_configs_take_no_decay_on_position_tables_and_norms(paramwise_key
 
 
 @pytest.mark.parametrize("name", SWIN_L)
-def test_swin_l_configs_build_gedepths_model(paramwise_keys, name):
+def test_swin_l_configs_build_gedepths_model(name):
     """swin-l paper encoder with its output norms, HAHI on, GEDepth's init and cosine schedule, and the 22k
     checkpoint named as a local file."""
     raw = densefuse.load_config(name, ["data.root=unused", "model.encoder.pretrained=null"])
@@ -60,7 +48,7 @@ def test_swin_l_configs_build_gedepths_model(paramwise_keys, name):
     assert model.neck is not None and model.init == "gedepth"
 
 
-def test_swin_l_config_names_the_missing_checkpoint(paramwise_keys):
+def test_swin_l_config_names_the_missing_checkpoint():
     from densefuse.errors import ConfigError
 
     cfg = densefuse.load_config(SWIN_L[0], [t for t in TINY_SWIN if "pretrained" not in t])

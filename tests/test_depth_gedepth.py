@@ -22,7 +22,7 @@ from torch import nn
 import densefuse
 from densefuse.encoders import TimmEncoder
 
-from .test_depth_configs import SWIN_L, paramwise_keys  # noqa: F401 - the fixture is used by name
+from .test_depth_configs import SWIN_L
 from .test_depth_model import SMALL, concat_stats, make, scene_batches
 
 DATA = Path(__file__).parent / "data"
@@ -52,7 +52,7 @@ def test_hahi_parameter_count_equals_gedepths():
 
 
 @pytest.mark.parametrize("name", SWIN_L)
-def test_full_models_parameter_counts_equal_gedepths(paramwise_keys, name):  # noqa: F811
+def test_full_models_parameter_counts_equal_gedepths(name):  # noqa: F811
     counts = json.loads((DATA / "gedepth_param_counts.json").read_text())
     cfg = densefuse.load_config(name, ["data.root=unused", "model.encoder.pretrained=null"])
     with torch.device("meta"):

@@ -15,6 +15,7 @@ import densefuse
 from densefuse.config import find_config
 from densefuse.data.loader import build_loader
 from densefuse.equalizer import equalizers
+from densefuse.config.sections import CoreConfig
 from densefuse.tasks import ENTRY_POINT_GROUP, DenseKey, task_class
 
 #: core keys only, so that every task's default config takes them
@@ -48,10 +49,7 @@ def test_declarations(setup):
     for key, spec in cls.dense_keys.items():
         assert isinstance(key, str) and isinstance(spec, DenseKey)
         assert spec.resample in ("bilinear", "nearest") and isinstance(spec.fill, (int, float))
-    assert isinstance(cls.config_section, Mapping)
-    if cls.config_section:
-        assert all(isinstance(k, str) for k in cls.config_section)
-        assert set(cls.config_section) <= set(cfg[name])  # merged into the config and validated
+    assert issubclass(cls.config_class, CoreConfig) and type(cfg) is cls.config_class  # its schema, validated
     task.validate_config(cfg)
 
 

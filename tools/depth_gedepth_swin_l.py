@@ -9,7 +9,6 @@ per fusion input, as after calibration; its statistics do not change the cost). 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -18,18 +17,9 @@ import torch
 from _common import load_average, machine_line
 
 import densefuse
-import densefuse.config as config
-from densefuse.engine.optim import PARAMWISE_DEFAULTS
 
 CONFIGS = {"GEDepth-Vanilla Swin-L": "depth/gedepth-vanilla_swin-l_8xb2-76.8k_kitti-352x704",
            "GEDepth-Adaptive Swin-L": "depth/gedepth-adaptive_swin-l_8xb2-76.8k_kitti-352x704"}
-
-
-def _paramwise_schema() -> None:
-    """The KITTI configs carry optim.paramwise; declare its keys where the config schema does not yet."""
-    if "paramwise" not in config.DEFAULTS["optim"]:
-        config.DEFAULTS["optim"]["paramwise"] = copy.deepcopy(PARAMWISE_DEFAULTS)
-        config.OPEN = config.OPEN | {"optim.paramwise.custom_keys"}
 
 
 def _mark_identity_calibrated(model: torch.nn.Module) -> int:
@@ -53,7 +43,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.split(","))
-    _paramwise_schema()
     load_before = load_average()
     rows = []
     for name, cfg_name in CONFIGS.items():

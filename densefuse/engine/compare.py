@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 
-from ..config import Config
+from ..config.schema import plain
+from ..config.sections import CoreConfig
 from ..equalizer import MODES
 from ..errors import ConfigError
 from ..tasks import task_class
@@ -46,7 +47,7 @@ def format_metric(value: float) -> str:
     return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"
 
 
-def run_config(cfg: Config, mode: str, seed: int) -> Config:
+def run_config(cfg: CoreConfig, mode: str, seed: int) -> CoreConfig:
     """``cfg`` with the equalizer ``mode`` and ``seed`` of one run (a copy)."""
     run = copy.deepcopy(cfg)
     run["model"]["equalizer"]["mode"] = mode
@@ -55,7 +56,7 @@ def run_config(cfg: Config, mode: str, seed: int) -> Config:
 
 
 def _plain(cfg: Mapping[str, Any]) -> dict:
-    return json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)))
+    return json.loads(json.dumps(plain(cfg)))
 
 
 def _read_result(run_dir: Path) -> Optional[dict]:
@@ -75,7 +76,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_inputs(configs: Sequence[Config], modes: Sequence[str], seeds: Sequence[int]) -> None:
+def _check_inputs(configs: Sequence[CoreConfig], modes: Sequence[str], seeds: Sequence[int]) -> None:
     if not configs:
         raise ConfigError("compare needs at least one config")
     bad = [m for m in modes if m not in MODES]
@@ -92,7 +93,7 @@ def _check_inputs(configs: Sequence[Config], modes: Sequence[str], seeds: Sequen
 
 
 def compare(
-    configs: Sequence[Config],
+    configs: Sequence[CoreConfig],
     modes: Sequence[str] = ("off", "explicit"),
     seeds: Sequence[int] = DEFAULT_SEEDS,
     root: Optional[Path] = None,
@@ -151,7 +152,7 @@ def compare(
     return runs, summary
 
 
-def _train(trainer_cls: Any, run_cfg: Config, cfg_root: Path, run_dir: Path, keep_checkpoints: bool,
+def _train(trainer_cls: Any, run_cfg: CoreConfig, cfg_root: Path, run_dir: Path, keep_checkpoints: bool,
            progress: Optional[bool]) -> dict[str, float]:
     """One run in a partial directory, renamed to ``run_dir`` when it finished; removed if it failed."""
     partial = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.partial-", dir=cfg_root))

@@ -28,23 +28,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..config.schema import build_section
+from ..config.sections import ParamwiseSection
 from ..errors import ConfigError
 
 _NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
-#: ``optim.paramwise`` keys with their defaults (the same as densefuse.config.DEFAULTS).
-PARAMWISE_DEFAULTS: dict[str, Any] = {
-    "custom_keys": {},
-    "norm_decay_mult": None,
-    "bias_decay_mult": None,
-    "bias_lr_mult": None,
-    "dwconv_decay_mult": None,
-    "layer_decay": None,
-}
-_CUSTOM_MULTS = ("lr_mult", "decay_mult")
 #: ``schedule.type`` values
 SCHEDULES = ("poly", "constant", "cosine")
-_LAYER_DECAY_KEYS = ("rate", "num_layers", "family")
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_decay: bool) -> list[dict]:
@@ -62,32 +53,6 @@ def param_groups(model: nn.Module, weight_decay: float, norm_decay: bool) -> lis
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def check_paramwise(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``optim.paramwise`` with defaults filled in; unknown keys or bad values are :class:`ConfigError`."""
-    out = dict(PARAMWISE_DEFAULTS)
-    for k, v in (cfg or {}).items():
-        if k not in PARAMWISE_DEFAULTS:
-            raise ConfigError(f"unknown config key 'optim.paramwise.{k}' (known: {', '.join(PARAMWISE_DEFAULTS)})")
-        out[k] = v
-    custom = out["custom_keys"] or {}
-    if not isinstance(custom, Mapping):
-        raise ConfigError("optim.paramwise.custom_keys must be a mapping of name substring -> {lr_mult, decay_mult}")
-    for key, mults in custom.items():
-        if not isinstance(mults, Mapping) or any(m not in _CUSTOM_MULTS for m in mults):
-            raise ConfigError(f"optim.paramwise.custom_keys.{key} must be a mapping with lr_mult and/or decay_mult, "
-                              f"got {mults!r}")
-    ld = out["layer_decay"]
-    if ld is not None:
-        if not isinstance(ld, Mapping) or set(ld) - set(_LAYER_DECAY_KEYS) or "rate" not in ld or "num_layers" not in ld:
-            raise ConfigError(f"optim.paramwise.layer_decay must be {{rate, num_layers, family: convnext}}, got {ld!r}")
-        if ld.get("family", "convnext") != "convnext":
-            raise ConfigError(f"optim.paramwise.layer_decay.family: only 'convnext' (mmseg stage_wise) is supported, "
-                              f"got {ld.get('family')!r}")
-        if not 0 < float(ld["rate"]) <= 1 or int(ld["num_layers"]) < 1:
-            raise ConfigError(f"optim.paramwise.layer_decay needs 0 < rate <= 1 and num_layers >= 1, got {dict(ld)}")
-    return out
 
 
 def paramwise_active(paramwise: Optional[Mapping[str, Any]]) -> bool:
@@ -119,7 +84,7 @@ def paramwise_rules(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict[str, 
     LearningRateDecayOptimizerConstructor) the lr is scaled by ``rate ** (L - id - 1)`` with
     ``L = num_layers + 2``, and every 1-D parameter or bias gets no weight decay, as mmseg does.
     """
-    pw = check_paramwise(cfg.get("paramwise") or {})
+    pw = build_section(ParamwiseSection, cfg.get("paramwise"), "optim.paramwise.")
     custom = pw["custom_keys"] or {}
     keys = sorted(sorted(custom), key=len, reverse=True)
     ld = pw["layer_decay"]

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ..config.loader import drop_legacy_keys
 from ..errors import ConfigError, DensefuseError
 from .runtime import file_mode
 
@@ -238,6 +239,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], source: PathLike) -> None:
     """Refuse to resume with a config that changes results; name the differing keys."""
+    saved = drop_legacy_keys(saved) if saved else saved
     diff = config_differences(saved, current)
     if diff:
         a, b = _flatten(saved), _flatten(current)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, dump
+from ..config.loader import dump
+from ..config.sections import CoreConfig
 from ..data.check import SkipBad, check_dataset, reads_files, verify_default
 from ..data.loader import build_loader
 from ..equalizer import calibrate, equalizers, fold
@@ -112,7 +113,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: CoreConfig,
         work_dir: Optional[Path] = None,
         resume: bool = False,
         progress: Optional[bool] = None,

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from densefuse.config import Rule, check_kwargs
+from densefuse.config import check_kwargs
 from densefuse.data import Normalize
 from densefuse.errors import ConfigError, did_you_mean
 from densefuse.tasks import DenseKey, Task, unwrap_outputs
 
+from .config import DepthConfig, DepthSection
 from .datasets import KittiEigen, SyntheticRoad, read_depth_png, read_split
 from .geometry import (
     Camera,
@@ -77,57 +78,18 @@ class DepthTask(Task):
         "ground_inv": DenseKey("bilinear", 0.0),  # 1/G of the unclipped plane (affine: bilinear is exact)
         "slope": DenseKey("nearest", 255),
     }
-    config_section = {
-        "ground_embedding": "vanilla",  # vanilla | adaptive | none
-        "camera_height": 1.65,  # metres; the slope formula's h (and the synthetic camera's height)
-        "min_depth": 1.0e-3,
-        "max_depth": 80.0,
-        "eval_crop": "garg",  # garg | eigen | none (null is accepted from code, not from a config file)
-        "slope_loss_weight": 0.08,
-        "slope_bins": 11,
-        "slope_range": 5.0,
-        "silog_lambda": 0.85,
-        "rotate_deg": 2.5,
-        "predict_camera": None,  # {fx, fy, cx, cy, pitch}: ground embedding for images without one
-    }
-
-    #: value rules of the ``depth`` section beyond "the type of the default" (densefuse.config.rules_for):
-    #: a wrong value of any type lists the choices
-    config_rules = {
-        "ground_embedding": Rule("str", choices=("vanilla", "adaptive", "none")),
-        "eval_crop": Rule("str", choices=("garg", "eigen", "none")),
-    }
+    config_class = DepthConfig
 
     # ------------------------------------------------------------------ config
-    def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+    def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> DepthSection:
+        """The ``depth:`` section (its defaults for a task made without a config)."""
         cfg = self.cfg if cfg is None else cfg
-        return {**self.config_section, **dict(cfg.get("depth") or {})}
+        return cfg["depth"] if "depth" in cfg else DepthSection()
 
-    def validate_config(self, cfg: Mapping[str, Any]) -> None:
-        d = self._section(cfg)
-        if d["ground_embedding"] not in ("vanilla", "adaptive", "none"):
-            raise ConfigError(f"depth.ground_embedding must be vanilla, adaptive or none, got '{d['ground_embedding']}'"
-                              f"{did_you_mean(str(d['ground_embedding']), ['vanilla', 'adaptive', 'none'])}")
-        if d["eval_crop"] not in EVAL_CROPS:
-            raise ConfigError(f"depth.eval_crop must be garg, eigen or none, got '{d['eval_crop']}'"
-                              f"{did_you_mean(str(d['eval_crop']), ['garg', 'eigen', 'none'])}")
-        if not 0 < float(d["min_depth"]) < float(d["max_depth"]):
-            raise ConfigError(f"depth.min_depth and depth.max_depth need 0 < min < max, got "
-                              f"{d['min_depth']} and {d['max_depth']}")
-        if float(d["camera_height"]) <= 0:
-            raise ConfigError(f"depth.camera_height must be positive, got {d['camera_height']}")
-        if int(d["slope_bins"]) < 3 or int(d["slope_bins"]) % 2 == 0:
-            raise ConfigError(f"depth.slope_bins must be an odd number >= 3, got {d['slope_bins']}")
-        cam = d["predict_camera"]
-        if cam is not None:
-            if not isinstance(cam, Mapping):
-                raise ConfigError("depth.predict_camera must be a mapping {fx, fy, cx, cy, pitch} or null")
-            missing = [k for k in ("fx", "fy", "cx", "cy") if k not in cam]
-            check_kwargs("depth.predict_camera", cam, ("fx", "fy", "cx", "cy", "pitch"))
-            if missing:
-                raise ConfigError(f"depth.predict_camera lacks {', '.join(missing)}")
-        model = cfg.get("model") or {}
-        if model.get("type", MODEL_TYPE) != MODEL_TYPE:
+    def validate_config(self, cfg: Any) -> None:
+        """The model type, the depth head and neck, the dataset's keys: once, when the config is loaded."""
+        model = cfg["model"]
+        if model["type"] != MODEL_TYPE:
             raise ConfigError(f"model.type must be '{MODEL_TYPE}' for the depth task, got '{model.get('type')}'")
         check_head_config(dict(model.get("decode_head") or {}))
         check_neck_config(model.get("neck"))
@@ -144,14 +106,12 @@ class DepthTask(Task):
     # ------------------------------------------------------------------ data
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
         """The synthetic road scenes or KITTI Eigen; the training split gets :class:`TrainPipeline`."""
-        self.validate_config(cfg)
         data, d = cfg["data"], self._section(cfg)
-        kwargs = dict(data.get("kwargs") or {})
+        kwargs = dict(data["kwargs"] or {})
         train = split == data["train_split"]
-        aug = data.get("augment") or {}
-        pipeline = TrainPipeline(data["crop_size"], self.dense_keys, aug.get("scale_range", (0.5, 2.0)),
-                                 d["rotate_deg"], bool(aug.get("flip", True)),
-                                 bool(aug.get("photometric", True))) if train else None
+        aug = data["augment"]
+        pipeline = TrainPipeline(data["crop_size"], self.dense_keys, aug["scale_range"], d["rotate_deg"], aug["flip"],
+                                 aug["photometric"]) if train else None
         if data["type"] == "synthetic":
             n = kwargs.get("num_train", 512) if train else kwargs.get("num_val", 64)
             return SyntheticRoad(n, kwargs.get("size", [96, 320]), kwargs.get("seed", 0), split, d["camera_height"],
@@ -168,8 +128,7 @@ class DepthTask(Task):
 
     # ------------------------------------------------------------------ model
     def build_model(self, cfg: Mapping[str, Any]) -> nn.Module:
-        self.validate_config(cfg)
-        return build_depth_model({**cfg, "depth": self._section(cfg)})
+        return build_depth_model(cfg)
 
     def _ground_for(self, batch: Mapping[str, Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The clipped ground depth (input channel) and the unclipped ``1/G`` (what the adaptive ground

@@ -213,13 +213,12 @@ def build_depth_model(cfg: Mapping[str, Any]) -> GEDepth:
     """The depth model of a resolved config (``model.encoder``, ``model.decode_head``, ``model.equalizer``
     and the task section ``depth``); registered as ``model.type: gedepth``."""
     m, d = cfg["model"], cfg["depth"]
-    head = dict(m.get("decode_head") or {})
-    check_head_config(head)
+    head = m["decode_head"]
     enc = m["encoder"]
-    encoder = TimmEncoder(enc["name"], enc["out_indices"], enc.get("output_stride"), enc.get("pretrained"),
-                          **dict(enc.get("kwargs") or {}))
+    encoder = TimmEncoder(enc["name"], enc["out_indices"], enc["output_stride"], enc["pretrained"],
+                          **dict(enc["kwargs"] or {}))
     eq = m["equalizer"]
     return GEDepth(encoder, d["ground_embedding"], head.get("widths"), eq["mode"], eq["eps"],
                    int(head.get("stem_channels", 64)), int(head.get("attention_channels", 64)),
                    d["camera_height"], d["min_depth"], d["max_depth"], d["slope_bins"], d["slope_range"],
-                   m.get("neck"), m.get("init") or "torch")
+                   m["neck"], m["init"] or "torch")

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from densefuse.config import Rule, check_kwargs
+from densefuse.config import check_kwargs
 from densefuse.data import Augment, Normalize, RandomHorizontalFlip, RandomScaleCrop, hflip
 from densefuse.errors import ConfigError, did_you_mean
 from densefuse.registry import PREDICTORS
 from densefuse.tasks import DenseKey, Task, unwrap_outputs
 
+from .config import NormalsConfig, NormalsSection
 from .datasets import LIGHT, SCENE_CLASSES, SyntheticNormals, render_scene, scene_generator
 from .loss import LOSSES, NormalLoss, normal_loss
 from .metrics import METRIC_NAMES, THRESHOLDS, NormalMetrics, angular_errors, valid_normals
@@ -70,7 +71,7 @@ class NormalsTask(Task):
     """Surface normals (``normal`` (B,3,H,W) unit vectors in the camera frame, zero = no ground truth;
     metric mean angular error in degrees, lower is better).
 
-    Config section ``normals``: ``loss`` (``l1`` | ``cosine``).
+    Settings: :class:`~densefuse_tasks.normals.config.NormalsConfig` (the ``normals:`` section: ``loss``).
     """
 
     name = "normals"
@@ -79,14 +80,12 @@ class NormalsTask(Task):
     metric_direction = "min"
     table_metrics = METRIC_NAMES
     dense_keys = NORMAL_KEYS
-    config_section = {"loss": "l1"}
-    #: value rules of the ``normals`` section (densefuse.config.rules_for): a wrong value lists the choices
-    config_rules = {"loss": Rule("str", choices=LOSSES)}
+    config_class = NormalsConfig
 
     # ------------------------------------------------------------------ config
-    def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-        cfg = self.cfg if cfg is None else cfg
-        return {**self.config_section, **dict(cfg.get(self.name) or {})}
+    def _section(self) -> NormalsSection:
+        """The ``normals:`` section (its defaults for a task made without a config)."""
+        return self.cfg["normals"] if "normals" in self.cfg else NormalsSection()
 
     def validate_config(self, cfg: Mapping[str, Any]) -> None:
         """The dataset type and its kwargs (the ``normals`` keys are checked by their rules at load time)."""
@@ -105,7 +104,6 @@ class NormalsTask(Task):
     # ------------------------------------------------------------------ data
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
         """The rendered rooms of :class:`SyntheticNormals` (the only dataset of this task so far)."""
-        self.validate_config(cfg)
         data = cfg["data"]
         kwargs = dict(data.get("kwargs") or {})
         train = split == data["train_split"]

@@ -14,6 +14,7 @@ from densefuse.data import IGNORE_INDEX, SEG_KEYS, Normalize, RandomCropPad, bui
 from densefuse.errors import ConfigError, did_you_mean
 from densefuse.tasks import Task, unwrap_outputs
 
+from .config import SegConfig, SegSection
 from .datasets import ADE20K, Cityscapes, PascalVOC, SegDataset, SyntheticSeg, reduce_zero_label
 from .loss import SegLoss, aux_weight_from_config, seg_cross_entropy
 from .metrics import SegMetrics
@@ -57,8 +58,8 @@ def check_dataset_config(cfg: Mapping[str, Any]) -> None:
     check_kwargs("data.kwargs", dict(data.get("kwargs") or {}), DATASET_KWARGS[kind], owner=f"data.type '{kind}'")
     if kind != "synthetic" and not data.get("root"):
         raise ConfigError(f"data.root must be set for data.type '{kind}' (the dataset's folder in its official layout)")
-    batch = cfg.get("eval", {}).get("batch_size", 1)
-    if data.get("pipeline", "batch") == "mmseg" and batch > 1 and kind in VARIABLE_SIZE:
+    batch = cfg["eval"]["batch_size"]
+    if data["pipeline"] == "mmseg" and batch > 1 and kind in VARIABLE_SIZE:
         raise ConfigError(f"eval.batch_size={batch} with data.pipeline: mmseg on data.type '{kind}': the test-time "
                           f"Resize keeps each image's own aspect ratio, and {kind}'s images differ in size, so they do "
                           f"not stack into batches; use eval.batch_size=1")
@@ -67,7 +68,7 @@ def check_dataset_config(cfg: Mapping[str, Any]) -> None:
 def seg_test_pipeline(cfg: Mapping[str, Any]) -> Optional[Callable[[dict], dict]]:
     """The evaluation samples' own transform: mmseg's keep-ratio test Resize with ``data.pipeline: mmseg``
     (see :func:`~densefuse_tasks.seg.pipeline.build_test_pipeline`), none with ``batch``."""
-    return build_test_pipeline(cfg) if cfg["data"].get("pipeline", "batch") == "mmseg" else None
+    return build_test_pipeline(cfg) if cfg["data"]["pipeline"] == "mmseg" else None
 
 
 def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
@@ -81,7 +82,6 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     """
     data = cfg["data"]
     kind = data["type"]
-    check_dataset_config(cfg)
     want, have = cfg["model"]["num_classes"], dataset_classes(data)
     if want != have:
         raise ConfigError(f"model.num_classes is {want} but the {kind} dataset has {have} classes; "
@@ -90,7 +90,7 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     train = split == data["train_split"]
     crop = data["crop_size"]
     transform: Optional[Callable[[dict], dict]]
-    if data.get("pipeline", "batch") == "mmseg":
+    if data["pipeline"] == "mmseg":
         transform = build_train_pipeline(cfg, photometric=False) if train else seg_test_pipeline(cfg)
     else:
         transform = (RandomCropPad(crop, SEG_KEYS, fill=[round(float(m)) for m in data["mean"]])
@@ -112,8 +112,8 @@ def build_seg_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
 class SegTask(Task):
     """Semantic segmentation (labels int64 (B,H,W), 255 ignored; metric mIoU, larger is better).
 
-    Config section ``seg``: ``avg_non_ignore`` (CE averaged over non-ignored pixels instead of all
-    pixels, mmseg's option) and ``overlay_alpha`` (opacity of the class colours in pictures).
+    Settings: :class:`~densefuse_tasks.seg.config.SegConfig` (the ``seg:`` section, the mmseg pipeline's ``data``
+    keys).
     """
 
     name = "seg"
@@ -121,7 +121,7 @@ class SegTask(Task):
     primary_metric = "mIoU"
     metric_direction = "max"
     dense_keys = {**SEG_KEYS, **VALID_KEY}
-    config_section = {"avg_non_ignore": False, "overlay_alpha": 0.5}
+    config_class = SegConfig
 
     def build_dataset(self, cfg: Mapping[str, Any], split: str) -> Dataset:
         return build_seg_dataset(cfg, split)
@@ -129,35 +129,13 @@ class SegTask(Task):
     def test_pipeline(self, cfg: Mapping[str, Any]) -> Optional[Callable[[dict], dict]]:
         return seg_test_pipeline(cfg)
 
-    def validate_config(self, cfg: Mapping[str, Any]) -> None:
-        """Value checks the type check cannot make (sizes, ranges), before any work starts."""
-        data, model = cfg["data"], cfg["model"]
-        crop = data["crop_size"]
-        if len(crop) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop):
-            raise ConfigError(f"data.crop_size must be [height, width] with two positive integers, got {list(crop)}")
-        for key in ("mean", "std"):
-            v = data[key]
-            if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                raise ConfigError(f"data.{key} must be three numbers (R, G, B on the 0-255 scale), got {list(v)}")
-        if any(float(x) <= 0 for x in data["std"]):
-            raise ConfigError(f"data.std must be positive, got {list(data['std'])}")
-        if int(model["num_classes"]) < 2:
-            raise ConfigError(f"model.num_classes must be at least 2 for segmentation, got {model['num_classes']}")
-        scale = (data.get("augment") or {}).get("scale_range")
-        if scale is not None and (len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1])):
-            raise ConfigError(f"data.augment.scale_range must be [low, high] with 0 < low <= high, got {list(scale)}")
-        for key in ("neck", "init"):
-            if model.get(key) is not None:  # the depth model's keys: refused rather than silently ignored
-                raise ConfigError(f"model.{key} is for the depth model (GEDepth) and segmentation would ignore it: "
-                                  f"remove it or set model.{key}=null, got {model[key]!r}")
-        alpha = self._section(cfg)["overlay_alpha"]
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"seg.overlay_alpha must be in [0, 1], got {alpha}")
+    def validate_config(self, cfg: Any) -> None:
+        """The dataset's keys (``data.type``, ``data.kwargs``, ``data.root``, classes), before any work starts."""
         check_dataset_config(cfg)
 
-    def _section(self, cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-        cfg = self.cfg if cfg is None else cfg
-        return {**self.config_section, **dict(cfg.get(self.name) or {})}
+    def _settings(self) -> SegSection:
+        """The ``seg:`` section of the task's config (its defaults for a task made without one)."""
+        return self.cfg["seg"] if "seg" in self.cfg else SegSection()
 
     def build_transform(self, cfg: Mapping[str, Any], train: bool) -> Callable[[dict], dict]:
         """The device half of the pipeline. ``data.pipeline: batch``: train: [photometric] -> random
@@ -168,13 +146,11 @@ class SegTask(Task):
         data = cfg["data"]
         if not train:
             return Normalize(data["mean"], data["std"])
-        self.validate_config(cfg)
-        if data.get("pipeline", "batch") == "mmseg":
+        if data["pipeline"] == "mmseg":
             return build_device_transform(cfg)
-        aug = data.get("augment") or {}  # keys already validated by densefuse.config
-        return build_augmentation(data["mean"], data["std"], size=data["crop_size"],
-                                  scale_range=aug.get("scale_range", (0.5, 2.0)), flip=bool(aug.get("flip", True)),
-                                  photometric=bool(aug.get("photometric", False)), keys=self.dense_keys)
+        aug = data["augment"]
+        return build_augmentation(data["mean"], data["std"], size=data["crop_size"], scale_range=aug["scale_range"],
+                                  flip=aug["flip"], photometric=aug["photometric"], keys=self.dense_keys)
 
     def _align_corners(self) -> bool:
         return bool((self.cfg.get("model") or {}).get("align_corners", False))
@@ -182,7 +158,7 @@ class SegTask(Task):
     @cached_property
     def _loss(self) -> SegLoss:
         return SegLoss(aux_weight_from_config(self.cfg), IGNORE_INDEX,
-                       avg_non_ignore=bool(self._section()["avg_non_ignore"]), align_corners=self._align_corners())
+                       avg_non_ignore=self._settings().avg_non_ignore, align_corners=self._align_corners())
 
     def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """``loss_ce + loss_weight * loss_aux`` (weight from ``model.auxiliary_head.loss_weight``, 0.4);
@@ -236,7 +212,7 @@ class SegTask(Task):
         only on the width and the number of classes, so pictures of one size stack into a grid)."""
         if prediction.ndim == 4:
             prediction = prediction.argmax(1)
-        alpha = float(self._section()["overlay_alpha"]) if alpha is None else alpha
+        alpha = float(self._settings().overlay_alpha) if alpha is None else alpha
         raw = batch.get("raw_image")
         if raw is None:
             img = batch["image"]

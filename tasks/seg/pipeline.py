@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densefuse.data import IGNORE_INDEX, Augment, Normalize, PhotoMetricDistortion
-from densefuse.errors import ConfigError
 from densefuse.tasks import DenseKey
 
 #: The validity mask of padded training crops: moved with nearest resampling, padding is invalid.
@@ -41,16 +40,6 @@ DATASET_SCALES: dict[str, tuple[int, int]] = {
     "voc": (2048, 512),
     "cityscapes": (2048, 1024),
 }
-
-#: ``data`` keys read here, with their defaults (as densefuse.config.DEFAULTS). ``None`` scales mean "the dataset's".
-DATA_DEFAULTS: dict[str, Any] = {
-    "pipeline": "batch",       # batch (crop-then-scale on the batch) | mmseg (this module); paper configs: mmseg
-    "scale": None,             # training reference scale [long, short]; None = DATASET_SCALES[data.type]
-    "ratio_range": [0.5, 2.0],
-    "cat_max_ratio": 0.75,
-    "test_scale": None,        # test Resize [long, short]; None = the dataset's; [] = keep the original size
-}
-
 
 def keep_ratio_size(h: int, w: int, scale: Sequence[float]) -> tuple[int, int]:
     """mmcv ``rescale_size`` with keep_ratio: factor ``min(max(scale)/max(h, w), min(scale)/min(h, w))``,
@@ -436,20 +425,16 @@ class DeviceTransform(nn.Module):
 def build_device_transform(cfg: Mapping[str, Any]) -> DeviceTransform:
     """:class:`DeviceTransform` from ``cfg.data`` (mean, std, augment.photometric)."""
     data = cfg["data"]
-    return DeviceTransform(data["mean"], data["std"], bool((data.get("augment") or {}).get("photometric", False)))
+    return DeviceTransform(data["mean"], data["std"], data["augment"]["photometric"])
 
 
 def _dataset_scale(data: Mapping[str, Any], key: str) -> Optional[tuple[int, int]]:
-    value = data.get(key, DATA_DEFAULTS[key])
+    """``data.scale`` / ``data.test_scale`` as (long, short): null is the dataset's mmseg scale, [] none."""
+    value = data[key]
     if value is None:
-        kind = data.get("type")
-        if kind not in DATASET_SCALES:
-            return None
-        return DATASET_SCALES[kind]
-    if isinstance(value, (list, tuple)) and len(value) == 0:
+        return DATASET_SCALES.get(data["type"])
+    if len(value) == 0:
         return None
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
-        raise ConfigError(f"data.{key} must be [long, short] positive ints, null (the dataset's) or [], got {value!r}")
     return int(value[0]), int(value[1])
 
 
@@ -459,17 +444,12 @@ def build_train_pipeline(cfg: Mapping[str, Any], photometric: Optional[bool] = N
     data = cfg["data"]
     crop = data["crop_size"]
     scale = _dataset_scale(data, "scale") or (max(crop), min(crop))
-    ratio = data.get("ratio_range", DATA_DEFAULTS["ratio_range"])
-    if ratio is not None and (len(ratio) != 2 or not 0 < float(ratio[0]) <= float(ratio[1])):
-        raise ConfigError(f"data.ratio_range must be [low, high] with 0 < low <= high, got {ratio!r}")
-    cat = float(data.get("cat_max_ratio", DATA_DEFAULTS["cat_max_ratio"]))
-    if not 0 < cat <= 1:
-        raise ConfigError(f"data.cat_max_ratio must be in (0, 1], got {cat}")
-    aug = data.get("augment") or {}
+    aug = data["augment"]
     if photometric is None:
-        photometric = bool(aug.get("photometric", False))
+        photometric = aug["photometric"]
     fill = [int(math.floor(float(m) + 0.5)) for m in data["mean"]]
-    return SegTrainPipeline(crop, scale, ratio, cat, 0.5 if aug.get("flip", True) else 0.0, photometric, fill)
+    return SegTrainPipeline(crop, scale, data["ratio_range"], data["cat_max_ratio"], 0.5 if aug["flip"] else 0.0,
+                            photometric, fill)
 
 
 def build_test_pipeline(cfg: Mapping[str, Any]) -> SegTestPipeline:
