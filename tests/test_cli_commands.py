@@ -2,6 +2,7 @@
 once, in the engine (one device resolver, one calibration-batch iterator, one work-dir path, one set of
 output-safety checks). ``calibrate`` and ``inspect`` show the calibration progress like training does."""
 import ast
+import functools
 import io
 import re
 import sys
@@ -48,6 +49,13 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
+@functools.lru_cache(maxsize=1)
+def _package_functions() -> tuple[tuple[str, str], ...]:
+    """(module path, function name) of every function defined anywhere in the package."""
+    return tuple((p.relative_to(PACKAGE).as_posix(), node.name) for p in sorted(PACKAGE.rglob("*.py"))
+                 for node in ast.walk(_tree(p)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
 def test_cli_defines_only_click_commands_and_a_short_list_of_glue():
     tree = _tree(PACKAGE / "cli.py")
     commands, others = [], []
@@ -67,9 +75,7 @@ def test_cli_defines_only_click_commands_and_a_short_list_of_glue():
                                   "check_writable", "check_out_file", "refuse_overwrite", "output_stems",
                                   "image_paths", "check_pixels", "read_model_checkpoint"])
 def test_each_engine_helper_is_defined_once_in_the_package(name):
-    defined = [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py"))
-               for node in ast.walk(_tree(p))
-               if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") == name]
+    defined = [path for path, fn in _package_functions() if fn.lstrip("_") == name]
     assert len(defined) == 1 and defined[0].startswith("engine/"), defined
 
 
