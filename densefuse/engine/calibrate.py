@@ -25,8 +25,9 @@ def show_progress(progress: Optional[bool]) -> bool:
 
 
 class CalibrationRun:
-    """The model of ``cfg`` (torch seeded with the config's seed: a reproducible initial model) on its device and the training
-    split that calibrates it; ``num_images`` defaults to ``calibration.num_images`` (0: every image)."""
+    """The model of ``cfg`` (torch seeded with the config's seed: a reproducible initial model) on its
+    device and the training split that calibrates it; ``num_images`` defaults to ``calibration.num_images``
+    (null: every image)."""
 
     def __init__(self, cfg: Mapping[str, Any], num_images: Optional[int] = None, progress: Optional[bool] = None) -> None:
         torch.manual_seed(cfg["seed"])
