@@ -108,8 +108,8 @@ SHIPPED = sorted(str(p.relative_to(CONFIGS.parent).with_suffix("")) for p in CON
 def test_shipped_configs_build_on_the_meta_device(config):
     """``densefuse compare`` builds every config's model, optimizer and schedule on the meta device before
     its first run; whatever fails there is raised, so every shipped config must build."""
-    from densefuse.cli import build_on_meta
     from densefuse.config import load_config
+    from densefuse.engine.configs import build_on_meta
 
     build_on_meta(load_config(config, ["model.encoder.pretrained=null"]))
 

@@ -51,9 +51,10 @@ def test_each_section_belongs_to_its_owner():
 
 
 def test_each_default_is_stated_once():
+    import densefuse_tasks.seg.pipeline as pipeline
+
     import densefuse.engine.optim as optim
     import densefuse.inference as inference
-    import densefuse_tasks.seg.pipeline as pipeline
 
     assert not any(hasattr(m, n) for m, n in ((optim, "PARAMWISE_DEFAULTS"), (inference, "EVAL_DEFAULTS"),
                                               (pipeline, "DATA_DEFAULTS")))

@@ -13,9 +13,9 @@ import torch
 
 import densefuse
 from densefuse.config import find_config
+from densefuse.config.sections import CoreConfig
 from densefuse.data.loader import build_loader
 from densefuse.equalizer import equalizers
-from densefuse.config.sections import CoreConfig
 from densefuse.tasks import ENTRY_POINT_GROUP, DenseKey, task_class
 
 #: core keys only, so that every task's default config takes them

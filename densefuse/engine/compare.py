@@ -31,6 +31,7 @@ from ..config.sections import CoreConfig
 from ..equalizer import MODES
 from ..errors import ConfigError
 from ..tasks import task_class
+from .runtime import default_work_dir
 
 #: The paper's number of seeds per setting.
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -45,6 +46,21 @@ def format_metric(value: float) -> str:
     if v != v:
         return "nan"
     return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``{'mIoU': 62.93, 'abs_rel': 0.05123}``: each value through :func:`format_metric`, so small
+    metrics (depth's abs_rel) keep their digits."""
+    return "{" + ", ".join(f"'{k}': {format_metric(v)}" for k, v in metrics.items()) + "}"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A table as Markdown with every float through :func:`format_metric`."""
+    shown = frame.copy()
+    for col in shown.columns:
+        if shown[col].dtype.kind == "f":
+            shown[col] = [format_metric(v) for v in shown[col]]
+    return shown.to_markdown(index=False, disable_numparse=True)
 
 
 def run_config(cfg: CoreConfig, mode: str, seed: int) -> CoreConfig:
@@ -115,8 +131,7 @@ def compare(
     for cfg in configs:
         task_class(cfg["task"])  # an unknown task fails before anything trains
     if root is None:
-        base = Path(configs[0].get("work_dir") or "work_dirs")
-        root = base / (f"{configs[0]['name']}_compare" if len(configs) == 1 else "compare")
+        root = default_work_dir(configs[0], "{name}_compare" if len(configs) == 1 else "compare")
     root = Path(root)
     rows = []
     for cfg in configs:

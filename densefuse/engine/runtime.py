@@ -1,4 +1,5 @@
-"""Run-time plumbing: seeds and RNG state, the device, batches on the device, and the work dir.
+"""Run-time plumbing: seeds and RNG state, the device, batches on the device, the work dir, and the
+safety of every output place (never overwrite, probe before any work).
 
 The work dir belongs to one run at a time (an ``flock`` on ``.densefuse.lock``, released by the OS even
 when the process is killed) and densefuse only writes into a directory it created: an existing
@@ -13,7 +14,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -89,24 +90,72 @@ def out_of_memory_hint(what: str, settings: str) -> Iterator[None]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available; a CUDA device without CUDA is a :class:`DensefuseError`."""
+    """``auto`` (CUDA when available, else CPU) or a torch device name; anything else, or CUDA asked for
+    where there is none, is a :class:`ConfigError` (one line, exit 2). The one resolver of the project: the
+    check of a command's config and the commands that build on the device give the same answer."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DensefuseError(f"device '{name}' requested but CUDA is not available")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device '{name}' is not a device (use auto, cpu, cuda or cuda:<index>)") from None
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device '{name}' is not a device name; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    return device
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The tensors of ``batch`` on ``device`` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def default_work_dir(cfg: Mapping[str, Any]) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-    return Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / stamp
+def timestamp() -> str:
+    """``YYYYmmdd_HHMMSS``: the time part of default output names."""
+    return _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def default_work_dir(cfg: Mapping[str, Any], pattern: str = "{name}/{time}") -> Path:
+    """Where a command writes when not told: ``pattern`` (``{name}``: the config's name, ``{time}``: a
+    :func:`timestamp`) under the config's ``work_dir`` (default ``work_dirs``). The one place that path is
+    built: a run ``{name}/{time}``, ``calibrate``'s ``{name}/calibration-{time}.csv``, ``inspect``'s
+    ``{name}/inspect-{time}``, ``compare``'s ``{name}_compare`` or ``compare``."""
+    return Path(cfg.get("work_dir") or "work_dirs") / pattern.format(name=cfg["name"], time=timestamp())
+
+
+def refuse_overwrite(path: Union[str, Path]) -> None:
+    """A file the user has is never overwritten: an existing ``path`` is one error line."""
+    if Path(path).exists():
+        raise DensefuseError(f"{path} already exists; not overwriting it")
+
+
+def check_writable(directory: Path, label: Optional[str] = None) -> None:
+    """``directory`` can be created and written: probe it (or its nearest existing parent) with a temporary
+    file, so a read-only or impossible output place is one error line, naming ``label`` (default ``work dir
+    <directory>``), before any work."""
+    import tempfile
+
+    target = Path(directory)
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if label is None and existing == target and not target.is_dir():
+        raise DensefuseError(f"work dir {target} is a file")
+    label = label or f"work dir {target}"
+    if not existing.is_dir():
+        raise DensefuseError(f"cannot create {label}: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".densefuse-probe-", dir=existing)
+    except OSError as e:
+        where = "" if existing == target else f" ({existing})"
+        raise DensefuseError(f"{label} is not writable{where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_out_file(path: Union[str, Path]) -> None:
+    """An ``--out`` file: not there yet (never overwritten), and its folder can be created and written."""
+    refuse_overwrite(path)
+    check_writable(Path(path).parent, f"--out {path}")
 
 
 def file_mode() -> int:

@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from ..config.loader import drop_legacy_keys
+from ..convert import convert_mmseg_segmentor, is_mmseg_layout, mmseg_tensors, read_mmseg_checkpoint
 from ..errors import ConfigError, DensefuseError
-from .runtime import file_mode
+from ..tasks import Task, get_task
+from .runtime import file_mode, resolve_device
 
 DIGEST_KEY = "digest"
 
@@ -217,6 +219,52 @@ def load_model_state(model: nn.Module, state: dict[str, Any], source: PathLike) 
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
         raise DensefuseError(f"checkpoint {source} does not match the model: {'; '.join(parts)}")
+
+
+def read_model_checkpoint(path: PathLike) -> tuple[dict[str, Any], bool]:
+    """``(state, from_mmseg)``: a densefuse checkpoint as written (verified by :func:`load_checkpoint`), or an
+    mmseg one (its ``state_dict`` tensors only, read by :func:`densefuse.convert.read_mmseg_checkpoint`, which
+    runs nothing from the file: mmseg 1.x training runs pickle mmengine and numpy objects that a weights-only
+    load refuses)."""
+    try:
+        state = load_checkpoint(path)
+    except DensefuseError as refused:
+        if not Path(path).is_file():
+            raise
+        try:
+            sd = read_mmseg_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not an mmseg training checkpoint either: the weights-only reason stands
+            raise refused from None
+        if sd is None:
+            raise refused from None
+        return {"state_dict": sd}, True
+    if is_mmseg_layout(state):
+        return {"state_dict": mmseg_tensors(state)}, True
+    return state, False
+
+
+def load_model_weights(model: nn.Module, path: PathLike, state: dict[str, Any], from_mmseg: bool,
+                       log: Callable[[str], None] = print) -> None:
+    """Load a checkpoint read by :func:`read_model_checkpoint` into ``model``; an mmseg one is converted,
+    saying so through ``log``."""
+    if not from_mmseg:
+        load_model_state(model, state, path)
+        return
+    converted = convert_mmseg_segmentor(state["state_dict"], model, str(path))
+    model.load_state_dict(converted, strict=False)
+    log(f"{path}: mmseg checkpoint, converted to densefuse ({len(state['state_dict'])} tensors; "
+        f"model.equalizer.mode off)")
+
+
+def build_checkpoint_model(cfg: Mapping[str, Any], path: PathLike, state: dict[str, Any], from_mmseg: bool,
+                           log: Callable[[str], None] = print) -> tuple[Task, nn.Module, torch.device]:
+    """``(task, model, device)``: the model of ``cfg`` (the checkpoint's own config, or the one the user
+    named) on the config's device, with the checkpoint's weights."""
+    task = get_task(cfg["task"], cfg)
+    device = resolve_device(cfg["device"])
+    model = task.build_model(cfg).to(device)
+    load_model_weights(model, path, state, from_mmseg, log)
+    return task, model, device
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
