@@ -171,7 +171,7 @@ def _read_checkpoint(checkpoint: str) -> tuple[dict[str, Any], bool]:
     tensors only, read by :func:`densefuse.convert.read_mmseg_checkpoint`, which runs nothing from the file:
     mmseg 1.x training runs pickle mmengine and numpy objects that a weights-only load refuses)."""
     from .convert import is_mmseg_layout, mmseg_tensors, read_mmseg_checkpoint
-    from .engine.checkpoint import load_checkpoint
+    from .engine.state import load_checkpoint
 
     try:
         state = load_checkpoint(checkpoint)
@@ -216,7 +216,7 @@ def _checkpoint_config(checkpoint: str, config: Optional[str], overrides: tuple[
 def _load_weights(model: Any, checkpoint: str, state: dict[str, Any], from_mmseg: bool) -> None:
     """Load a checkpoint read by :func:`_read_checkpoint` into ``model``; an mmseg one is converted, saying so."""
     from .convert import convert_mmseg_segmentor
-    from .engine.checkpoint import load_model_state
+    from .engine.state import load_model_state
 
     if not from_mmseg:
         load_model_state(model, state, checkpoint)
@@ -409,7 +409,7 @@ num_images_opt = click.option("--num-images", type=int, default=None, help="Imag
 def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], num_images: Optional[int],
                   out: Optional[str]) -> None:
     """Measure the per-branch mean/std at every fusion site and print the calibration table."""
-    from .equalizer import calibrate
+    from .calibration import calibrate
 
     cfg = _load(config, overrides, task)
     path = Path(out) if out else Path(cfg.get("work_dir") or "work_dirs") / cfg["name"] / f"calibration-{_stamp()}.csv"
@@ -434,7 +434,7 @@ def calibrate_cmd(task: Optional[str], config: Optional[str], overrides: tuple[s
 def inspect_cmd(task: Optional[str], config: Optional[str], overrides: tuple[str, ...], checkpoint: Optional[str],
                 num_images: Optional[int], out: Optional[str]) -> None:
     """Per fusion site, the std of every concat subject before and after equalization (table + PNG)."""
-    from .equalizer import calibrate, equalizers, measure
+    from .calibration import calibrate, equalizers, measure
     from .report import plot_inspection
 
     if checkpoint:  # built from the checkpoint's own config (a depth run's, ...) unless --config is given
@@ -643,7 +643,7 @@ def convert_cmd(checkpoint: str, config: Optional[str], overrides: tuple[str, ..
     --config. Nothing in the file is run: only the tensors of its state_dict are read."""
     import torch
 
-    from .engine.checkpoint import save_checkpoint
+    from .engine.state import save_checkpoint
 
     if config is None:
         raise ConfigError("convert needs --config: the densefuse config of the checkpoint's model "

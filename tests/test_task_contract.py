@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import densefuse
+from densefuse.calibration import equalizers
 from densefuse.config import find_config
 from densefuse.data.loader import build_loader
-from densefuse.equalizer import equalizers
 from densefuse.tasks import ENTRY_POINT_GROUP, DenseKey, task_class
 
 #: core keys only, so that every task's default config takes them
