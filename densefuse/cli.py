@@ -582,8 +582,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
         click.echo(_skipped_line(skipped))
     check_writable(Path(out_dir), f"--out {out_dir}")
     cfg, task, model, device = _checkpoint_model(checkpoint, config, overrides)
-    prepare = getattr(task, "predict_sample", None)  # the task's per-image inputs (depth: KITTI calib, KB crop)
-    if calib is not None and prepare is None:
+    if calib is not None and not task.predict_calib:
         raise click.UsageError(f"--calib is for the depth task, not '{task.name}'")
     model.eval()
     out = Path(out_dir)
@@ -597,7 +596,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
         written: list[Path] = []
         with torch.no_grad():
             for path, stem in zip(paths, stems):
-                sample = prepare(read_image(path), path, calib) if prepare else {"image": read_image(path)}
+                sample = task.predict_sample(read_image(path), path, calib)  # depth: KITTI calib, KB crop
                 image = sample["image"]
                 batch = transform(_to_device(_test_sample(task, cfg, sample), device))
                 # the evaluation's test pipeline, eval.mode and eval.tta; returned at the image's own size
