@@ -145,7 +145,8 @@ class Task(ABC):
         """Merge test-time views into one output. ``outputs`` are the views' outputs (tensors or output
         dicts), already resized to one size and with their pixels mapped back to the original frame;
         ``flipped[i]`` says whether view ``i`` was mirrored (a task whose outputs are vectors, like surface
-        normals, also un-mirrors their values). Default: the mean of every key all views have."""
+        normals, also un-mirrors their values). No view is a ValueError. Default: the mean of every key all
+        views have."""
         outs = [unwrap_outputs(o) for o in outputs]
         if not outs:
             raise ValueError("merge_tta needs at least one view")
@@ -158,9 +159,9 @@ class Task(ABC):
         return {"image": image}
 
     def save_prediction(self, prediction: Tensor, stem: Union[str, Path], image: Optional[Tensor] = None) -> list[Path]:
-        """Write one sample's prediction (as :meth:`predict` returns it, without the batch dimension) to files
-        named from ``stem`` and return their paths; ``image`` is the input picture (3,H,W uint8) for tasks
-        that draw on it. Default: ``<stem>.npy`` with the prediction as a NumPy array; tasks write their
+        """Write one sample's prediction (as :meth:`predict` returns it, without the batch dimension) to
+        files named from ``stem`` (its folder created when missing) and return their paths; ``image`` is
+        the input picture (3,H,W uint8) for tasks that draw on it. Default: ``<stem>.npy`` with the prediction as a NumPy array; tasks write their
         formats (seg: a palette PNG of class ids, depth: KITTI's 16-bit PNG)."""
         stem = Path(stem)
         out = stem.with_name(stem.name + ".npy")

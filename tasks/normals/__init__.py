@@ -142,6 +142,8 @@ class NormalsTask(Task):
         """Mean of the test-time views (already mapped back to the original frame by the core, which
         un-mirrors the pixels but not the vectors), renormalized. A mirrored view's ``n_x`` is negated first."""
         outs = [unwrap_outputs(o)["out"] for o in outputs]
+        if not outs:
+            raise ValueError("merge_tta needs at least one view")
         if len(flipped) != len(outs):
             raise ValueError(f"{len(outs)} views but {len(flipped)} flip flags")
         sign = torch.tensor([-1.0, 1.0, 1.0])

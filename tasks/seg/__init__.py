@@ -265,6 +265,7 @@ class SegTask(Task):
         n = self._num_classes(classes)
         pal = self._palette(n)
         out = stem.with_name(stem.name + ".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
         palette_png(classes, pal).save(out)
         paths = [out]
         if image is not None:
