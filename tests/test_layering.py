@@ -113,6 +113,14 @@ def test_the_equalizer_is_the_bottom_floor_of_calibration():
     assert "densefuse.calibration" not in graph["densefuse.fusion"]
 
 
+def test_no_module_forwards_names_lazily():
+    """A module-level ``__getattr__`` re-export hides where a name lives (and the import it makes is the
+    kind of edge that closed circles): every import names the defining module."""
+    lazy = [module_name(p) for p in sorted(ROOT.rglob("*.py"))
+            if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(p.read_text()).body)]
+    assert lazy == []
+
+
 def test_densefuse_never_imports_a_task_package():
     graph = import_graph()
     up = {m: sorted(d for d in deps if d.startswith("densefuse_")) for m, deps in graph.items()}
