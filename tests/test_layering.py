@@ -116,9 +116,45 @@ def test_the_equalizer_is_the_bottom_floor_of_calibration():
 def test_no_module_forwards_names_lazily():
     """A module-level ``__getattr__`` re-export hides where a name lives (and the import it makes is the
     kind of edge that closed circles): every import names the defining module."""
-    lazy = [module_name(p) for p in sorted(ROOT.rglob("*.py"))
+    lazy = [module_name(p, ROOT) for p in sorted(ROOT.rglob("*.py"))
             if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(p.read_text()).body)]
     assert lazy == []
+
+
+def _top_level_names(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """``(names a module defines, names it imports)`` at its top level."""
+    defined, imported = set(), set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {a.asname or a.name.split(".")[0] for a in node.names}
+    return defined, imported
+
+
+def test_imports_name_the_defining_module():
+    """``from .fusion import valid_pixels`` where fusion only imported it from the equalizer would tie
+    calibration to fusion for nothing: a name comes from the module that defines it. Packages'
+    ``__init__`` re-exports (the public API) are meant to be imported from."""
+    files = {module_name(p, ROOT): p for p in sorted(ROOT.rglob("*.py"))}
+    trees = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in files.items()}
+    passed_on = []
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(trees[name]):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            (base,) = _targets(ast.ImportFrom(module=node.module, names=[ast.alias("_")], level=node.level),
+                               package, set(files))
+            if base not in files or files[base].name == "__init__.py":
+                continue
+            defined, imported = _top_level_names(trees[base])
+            passed_on += [f"{name}: {a.name} from {base}" for a in node.names
+                          if a.name in imported and a.name not in defined and f"{base}.{a.name}" not in files]
+    assert passed_on == []
 
 
 def test_densefuse_never_imports_a_task_package():
