@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .equalizer import FoldTarget, ScaleEqualizer, _SiteTrace
+from .equalizer import FoldTarget, ScaleEqualizer, _SiteTrace, valid_pixels
 from .errors import CalibrationError
-from .fusion import valid_pixels
 
 __all__ = ["calibrate", "equalizers", "fold", "measure", "set_mode", "site_name"]
 

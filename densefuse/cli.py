@@ -253,7 +253,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: str, config: Optional[str],
     state, from_mmseg = read_model_checkpoint(checkpoint)
     cfg = checkpoint_config(checkpoint, config, overrides, state, from_mmseg)
     task, model, device = build_checkpoint_model(cfg, checkpoint, state, from_mmseg, log=click.echo)
-    if calib is not None and not hasattr(task, "predict_sample"):  # the task's per-image inputs (depth)
+    if calib is not None and not task.predict_calib:  # the task's per-image inputs (depth)
         raise click.UsageError(f"--calib is for the depth task, not '{task.name}'")
     written = write_predictions(task, cfg, model, device, paths, stems, Path(out_dir), calib)
     click.echo(f"wrote {len(written)} files for {len(paths)} images to {Path(out_dir)}")
@@ -288,7 +288,7 @@ def convert_cmd(checkpoint: str, config: Optional[str], overrides: tuple[str, ..
         model = get_task(cfg["task"], cfg).build_model(cfg)
     load_model_weights(model, checkpoint, state, from_mmseg, log=click.echo)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, {"model": model.state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg})
+    save_checkpoint(out, {"model": model.state_dict(), "config": cfg.to_dict()})
     click.echo(f"wrote {out}")
 
 

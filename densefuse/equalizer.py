@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,9 +33,6 @@ from .errors import CalibrationError
 
 MODES = ("off", "explicit", "fold")
 #: model-level functions kept importable from here (they live in densefuse.calibration)
-_CALIBRATION_API = ("calibrate", "measure", "fold", "equalizers", "set_mode", "site_name")
-
-
 @dataclass(frozen=True)
 class FoldTarget:
     """Where a site folds to, looked up when :func:`densefuse.fold` runs.
@@ -498,13 +495,3 @@ def find_fold_target(module: nn.Module) -> Optional[FoldTarget]:
             norm = nxt if isinstance(nxt, _BatchNorm) and nxt.num_features == m.out_channels else None
             return FoldTarget(m, norm)
     return None
-
-
-def __getattr__(name: str) -> Any:
-    # calibrate / measure / fold / equalizers / set_mode moved to densefuse.calibration; lazily
-    # re-exported so ``from densefuse.equalizer import calibrate`` keeps working (no import cycle).
-    if name in _CALIBRATION_API:
-        from . import calibration
-
-        return getattr(calibration, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

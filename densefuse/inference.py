@@ -28,18 +28,20 @@ from .config.sections import EvalSection
 from .tasks import unwrap_outputs
 
 Forward = Callable[[nn.Module, Mapping[str, Any]], Any]
-#: Combines the views' outputs; may return a tensor or, like ``Task.merge_tta``, a dict of outputs.
-Merge = Callable[[list[Tensor]], Any]
+#: Combines the views' outputs, given with whether each view was mirrored (``Task.merge_tta``'s
+#: signature); returns a tensor or a dict of outputs.
+Merge = Callable[[list[Tensor], list[bool]], Any]
 
 #: mmseg's multi-scale TTA ratios (``tta_pipeline`` of the dataset configs).
 MMSEG_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
-def mean_merge(outputs: list[Tensor]) -> Tensor:
-    """Default TTA merge: the mean of the views' outputs."""
+
+def mean_merge(outputs: list[Tensor], flipped: Sequence[bool]) -> Tensor:
+    """Default TTA merge: the mean of the views' outputs (mirrored or not)."""
     return torch.stack(outputs).mean(0)
 
 
-def softmax_mean_merge(outputs: list[Tensor]) -> Tensor:
+def softmax_mean_merge(outputs: list[Tensor], flipped: Sequence[bool]) -> Tensor:
     """mmseg's segmentation TTA merge: the mean of the softmax probabilities (``seg_tta.py``)."""
     return torch.stack([o.softmax(1) for o in outputs]).mean(0)
 
@@ -135,8 +137,8 @@ def infer(forward: Forward, model: nn.Module, batch: Mapping[str, Any], eval_cfg
     (or ``out_size``, e.g. the original label size, resized bilinearly as mmseg's postprocess).
 
     ``eval.mode`` picks whole or slide inference; ``eval.tta`` adds flipped and rescaled views (each view's
-    output is resized back and un-flipped), combined by ``merge`` (default :func:`mean_merge`; a task's
-    ``merge_tta``, which takes the views and returns a dict of outputs, works too). Flipped views flip every
+    output is resized back and un-flipped), combined by ``merge(views, flipped)`` (default :func:`mean_merge`;
+    usually the task's ``merge_tta``, which may return a dict of outputs). Flipped views flip every
     per-pixel batch key of the image's size (labels, ``ground``, ``valid``). Without TTA the outputs are
     returned as computed (no merge).
     """
@@ -155,13 +157,14 @@ def infer(forward: Forward, model: nn.Module, batch: Mapping[str, Any], eval_cfg
     if len(scales) == 1 and scales[0] == 1.0 and flips == [False]:
         out = run(batch)
     else:
-        views = []
+        views, flipped = [], []
         for r in scales:
             for flip in flips:
                 o = run(_scaled(batch, float(r), flip))
                 o = o.flip(-1) if flip else o
                 views.append(_resize(o, size, align_corners))
-        merged = (merge or mean_merge)(views)
+                flipped.append(flip)
+        merged = (merge or mean_merge)(views, flipped)
         out = unwrap_outputs(merged)[key] if isinstance(merged, Mapping) else merged
     if out_size is not None:
         out = _resize(out, out_size, align_corners)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -33,19 +36,31 @@ class DenseKey:
     fill: float = 0.0
 
 
-@runtime_checkable
-class Metric(Protocol):
+class Metric(ABC):
     """Accumulates over a whole dataset; ``compute`` all-reduces under torch.distributed.
 
-    ``compute()`` returns the summary (flat ``name -> float``, the primary metric among them);
-    ``tables()`` returns named DataFrames with the detail (e.g. per-class IoU), possibly empty.
+    Every task's metric derives from this class: the evaluation calls exactly these members.
+    ``update`` may also accept other argument forms (e.g. ``(prediction, target)`` tensors) for direct use.
     """
 
-    def reset(self) -> None: ...
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget everything accumulated (the evaluation starts each pass with it)."""
 
-    def update(self, outputs: Any, batch: Mapping[str, Tensor]) -> None: ...
+    @abstractmethod
+    def update(self, outputs: Any, batch: Mapping[str, Tensor]) -> None:
+        """Accumulate one batch: the model ``outputs`` (as ``Task.forward`` returns them, merged over
+        test-time views) against the targets in ``batch``."""
 
-    def compute(self) -> dict[str, float]: ...
+    @abstractmethod
+    def compute(self) -> dict[str, float]:
+        """The summary over everything seen on every rank: flat ``name -> float``, the task's
+        ``primary_metric`` among them (written to ``metrics.csv``)."""
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Named tables of detail (e.g. ``{"per_class": ...}``, written as ``<name>.csv``); default none.
+        Called after :meth:`compute`, whose all-reduced state it may read."""
+        return {}
 
 
 class Task(ABC):
@@ -65,6 +80,10 @@ class Task(ABC):
     #: the schema of this task's configs: :class:`~densefuse.config.sections.CoreConfig` or a subclass adding the
     #: task's own section (``cfg.<task name>``) and the keys it reads in core sections (``tasks/seg/config.py``)
     config_class: type[CoreConfig] = CoreConfig
+    #: summary metrics of the task's rows in ``densefuse compare`` tables; empty: the primary metric alone
+    table_metrics: Sequence[str] = ()
+    #: whether :meth:`predict_sample` reads ``densefuse predict --calib`` (refused for other tasks)
+    predict_calib: bool = False
 
     def __init__(self, cfg: Optional[Mapping[str, Any]] = None) -> None:
         #: the validated run config (see densefuse.config; the defaults when none is given)
@@ -122,6 +141,34 @@ class Task(ABC):
         """(B,3,kH,W) uint8 pictures of the predictions for the work dir: k >= 1 rows of the input's width
         (e.g. prediction, ground truth, legend); the trainer stacks the inputs above them."""
         return batch["raw_image"] if "raw_image" in batch else batch["image"]
+
+    def merge_tta(self, outputs: Sequence[Any], flipped: Sequence[bool]) -> dict[str, Tensor]:
+        """Merge test-time views into one output. ``outputs`` are the views' outputs (tensors or output
+        dicts), already resized to one size and with their pixels mapped back to the original frame;
+        ``flipped[i]`` says whether view ``i`` was mirrored (a task whose outputs are vectors, like surface
+        normals, also un-mirrors their values). No view is a ValueError. Default: the mean of every key all
+        views have."""
+        outs = [unwrap_outputs(o) for o in outputs]
+        if not outs:
+            raise ValueError("merge_tta needs at least one view")
+        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0] if all(k in o for o in outs)}
+
+    def predict_sample(self, image: Tensor, path: Union[str, Path], calib: Optional[Union[str, Path]] = None) -> dict:
+        """What ``densefuse predict`` feeds the test pipeline for the image read from ``path`` (unbatched
+        tensors). Default: the image alone; a task whose model takes more (depth: a ground embedding from
+        the camera, ``calib`` when :attr:`predict_calib`) adds it here."""
+        return {"image": image}
+
+    def save_prediction(self, prediction: Tensor, stem: Union[str, Path], image: Optional[Tensor] = None) -> list[Path]:
+        """Write one sample's prediction (as :meth:`predict` returns it, without the batch dimension) to
+        files named from ``stem`` (its folder created when missing) and return their paths; ``image`` is
+        the input picture (3,H,W uint8) for tasks that draw on it. Default: ``<stem>.npy`` with the prediction as a NumPy array; tasks write their
+        formats (seg: a palette PNG of class ids, depth: KITTI's 16-bit PNG)."""
+        stem = Path(stem)
+        out = stem.with_name(stem.name + ".npy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, prediction.detach().cpu().numpy())
+        return [out]
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:

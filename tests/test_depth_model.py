@@ -163,7 +163,7 @@ def test_flip_tta_flips_the_ground_embedding_with_the_image():
     assert not torch.allclose(a, b, atol=1e-4)  # the flipped view really differs
     assert torch.allclose(core, (a + b) / 2, atol=1e-6)
     assert not torch.allclose(core, stale, atol=1e-4)
-    assert isinstance(DepthTask.merge_tta(task, [{"out": a}, {"out": b}])["out"], torch.Tensor)
+    torch.testing.assert_close(DepthTask.merge_tta(task, [{"out": a}, {"out": b}], [False, True])["out"], (a + b) / 2)
 
 
 def test_kitti_configs_evaluate_with_flip_tta_through_the_core():

@@ -83,14 +83,14 @@ def test_multi_scale_flip_tta_runs_twelve_views_and_merges_at_input_size():
         seen.append(tuple(batch["image"].shape[-2:]))
         return {"out": torch.zeros(batch["image"].shape[0], 3, *batch["image"].shape[-2:])}
 
-    def merge(outputs):
-        merged.append(len(outputs))
+    def merge(outputs, flipped):
+        merged.append(list(flipped))
         assert all(o.shape[-2:] == (40, 60) for o in outputs)
-        return softmax_mean_merge(outputs)
+        return softmax_mean_merge(outputs, flipped)
 
     out = infer(fwd, nn.Identity(), {"image": torch.randn(1, 3, 40, 60)},
                 {"tta": {"flip": True, "scales": list(MMSEG_TTA_SCALES)}}, merge=merge, out_size=(80, 120))["out"]
-    assert merged == [12]
+    assert merged == [[False, True] * 6]  # twelve views: each scale plain, then mirrored
     assert (20, 30) in seen and (70, 105) in seen  # 0.5x and 1.75x views
     assert out.shape == (1, 3, 80, 120)
     torch.testing.assert_close(out, torch.full_like(out, 1 / 3))
@@ -146,7 +146,7 @@ def test_evaluation_uses_the_eval_config_and_the_label_size():
         def forward(self, model, batch):
             return {"out": model(batch["image"]), "aux": model(batch["image"])}
 
-        def merge_tta(self, outputs):
+        def merge_tta(self, outputs, flipped):
             return {"out": torch.stack([o["out"] for o in outputs]).mean(0)}
 
     model = _conv_model()

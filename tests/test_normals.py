@@ -183,16 +183,6 @@ def test_entry_point_is_declared_and_resolves():
     assert "densefuse_tasks.normals" in cfg["options"]["packages"].split()
 
 
-def test_task_contract():
-    from tests import test_task_contract as contract
-
-    cfg = densefuse.load_config(NormalsTask.default_config, contract.TINY + ["model.encoder.name=resnet10t"])
-    setup = ("normals", NormalsTask, cfg, densefuse.get_task("normals", cfg))
-    contract.test_declarations(setup)
-    contract.test_train_step(setup)
-    contract.test_eval_metric_predict_visualize(setup)
-
-
 TINY = ["train.iters=4", "train.batch_size=2", "train.val_interval=4", "train.ckpt_interval=4", "train.log_interval=2",
         "calibration.num_images=4", "calibration.batch_size=2", "model.encoder.name=resnet10t",
         "model.decode_head.channels=16", "data.kwargs.num_train=6", "data.kwargs.num_val=3",

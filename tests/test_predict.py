@@ -51,7 +51,7 @@ def test_merge_tta_averages_probabilities_of_flipped_back_views():
     task = SegTask(seg_cfg())
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 6, 8, 10, generator=g), torch.randn(2, 6, 8, 10, generator=g)
-    merged = task.merge_tta([{"out": a}, b])["out"]
+    merged = task.merge_tta([{"out": a}, b], [False, True])["out"]
     want = (a.softmax(1) + b.softmax(1)) / 2
     assert torch.allclose(merged.softmax(1), want, atol=1e-6)  # log-probabilities: still logits
     assert torch.equal(task.predict(merged), want.argmax(1))
@@ -59,13 +59,13 @@ def test_merge_tta_averages_probabilities_of_flipped_back_views():
     flip = RandomHorizontalFlip(1.0, keys={})
     p = flip.draw({"image": a})
     view = flip.invert({"image": flip.apply({"image": a}, p)["image"]}, p)["image"]
-    assert torch.allclose(task.merge_tta([a, view])["out"].softmax(1), a.softmax(1), atol=1e-6)
-    # rescaled views are resized to the first view's size (or the size asked for)
+    assert torch.allclose(task.merge_tta([a, view], [False, True])["out"].softmax(1), a.softmax(1), atol=1e-6)
+    # rescaled views are resized to the first view's size
     small = torch.randn(2, 6, 4, 5, generator=g)
-    assert task.merge_tta([a, small])["out"].shape == (2, 6, 8, 10)
-    assert task.merge_tta([small, a], size=(16, 20))["out"].shape == (2, 6, 16, 20)
+    assert task.merge_tta([a, small], [False, False])["out"].shape == (2, 6, 8, 10)
+    assert task.merge_tta([small, a], [False, False])["out"].shape == (2, 6, 4, 5)
     with pytest.raises(ValueError):
-        task.merge_tta([])
+        task.merge_tta([], [])
 
 
 def test_save_prediction_writes_a_palette_png_with_the_class_ids(tmp_path):

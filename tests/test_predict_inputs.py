@@ -51,6 +51,14 @@ def test_a_folder_is_walked_with_its_subfolders_and_skipped_files_are_named(seg_
     assert "anim.gif" in skipped[0] and "README.txt" in skipped[0]
 
 
+def test_calib_is_refused_for_a_task_whose_predict_sample_does_not_read_it(seg_ckpt, tmp_path):
+    """``--calib`` goes to ``Task.predict_sample`` only where the task declares ``predict_calib`` (depth)."""
+    _image(tmp_path / "a.png")
+    r = cli("predict", tmp_path / "a.png", "--checkpoint", seg_ckpt, "--calib", tmp_path, "--out", tmp_path / "pred")
+    assert r.exit_code == 2 and "--calib is for the depth task, not 'seg'" in r.output, r.output
+    assert not (tmp_path / "pred").exists()
+
+
 def test_the_output_folder_inside_the_input_folder_is_not_read(seg_ckpt, tmp_path):
     _image(tmp_path / "imgs" / "a.png")
     _image(tmp_path / "imgs" / "pred" / "earlier.png")  # the output folder already holds an image

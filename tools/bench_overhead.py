@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 
 import densefuse
+from densefuse.calibration import calibrate
 from densefuse.data.loader import InfiniteSampler, Loader, SeededSamples, build_loader
 from densefuse.engine import Trainer, build_optimizer
 from densefuse.engine.logger import RunLogger
 from densefuse.engine.runtime import to_device
 from densefuse.engine.trainer import calibration_batches
-from densefuse.equalizer import calibrate
 from densefuse.tasks import get_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

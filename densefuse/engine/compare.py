@@ -11,7 +11,7 @@ only the final metrics.
 
 The summary follows the paper's tables: one row per config and metric, columns ``w/o EQ`` and
 ``w/ EQ`` as mean ± std over seeds, and the difference of the means. The metrics are the task's:
-its ``table_metrics`` when it declares them, else its primary metric (Tables 2/3: mIoU); ``"all"``
+its ``table_metrics`` (default: the primary metric alone; Tables 2/3: mIoU); ``"all"``
 takes every metric of the task's summary (depth's Table 5: the nine metrics in the metric's order).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..config.schema import plain
 from ..config.sections import CoreConfig
 from ..equalizer import MODES
 from ..errors import ConfigError
-from ..tasks import task_class
+from ..tasks import Task, task_class
 from .runtime import default_work_dir
 
 #: The paper's number of seeds per setting.
@@ -188,15 +188,15 @@ def _train(trainer_cls: Any, run_cfg: CoreConfig, cfg_root: Path, run_dir: Path,
 BOOKKEEPING = ("config", "mode", "seed", "reused")
 
 
-def table_metrics(task: Any, recorded: Sequence[str], metrics: Optional[Sequence[str] | str] = None) -> list[str]:
+def table_metrics(task: type[Task], recorded: Sequence[str], metrics: Optional[Sequence[str] | str] = None) -> list[str]:
     """The metrics of a task's comparison table: ``metrics`` as given; ``"all"`` = every recorded metric
-    of the task's summary, in its order; ``None`` = the task's ``table_metrics`` when it declares them,
-    else its primary metric."""
+    of the task's summary, in its order; ``None`` = the task's ``table_metrics`` (empty:
+    its primary metric alone)."""
     if metrics == "all":
         return [c for c in recorded if c not in BOOKKEEPING]
     if metrics is not None:
         return [metrics] if isinstance(metrics, str) else list(metrics)
-    return list(getattr(task, "table_metrics", None) or [task.primary_metric])
+    return list(task.table_metrics or [task.primary_metric])
 
 
 def summarize(runs: pd.DataFrame, tasks: Optional[Mapping[str, str]] = None, baseline: Optional[str] = None,

@@ -7,7 +7,6 @@ than the (test-time resized) image, the output is resized to the label's size an
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import pandas as pd
@@ -31,9 +30,8 @@ def evaluate_full(
 ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """``(summary, tables)`` of the task metric over ``loader`` in eval mode (mode restored after).
 
-    ``summary`` is what ``metric.compute()`` returns; ``tables`` is ``metric.tables()``, or for a metric
-    that still puts per-class values into ``compute()`` as ``"<name>.<class>"`` keys, one table
-    ``per_class`` with a row per class and a column per name.
+    ``summary`` is what ``metric.compute()`` returns, ``tables`` what ``metric.tables()`` returns
+    (see :class:`densefuse.tasks.Metric`).
     """
     was_training = model.training
     model.eval()
@@ -48,8 +46,7 @@ def evaluate_full(
     finally:
         model.train(was_training)
     summary = {k: float(v) for k, v in metric.compute().items()}
-    tables = metric.tables() if hasattr(metric, "tables") else _dotted_table(summary)
-    return summary, dict(tables)
+    return summary, dict(metric.tables())
 
 
 def infer_outputs(model: nn.Module, task: Task, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -79,19 +76,6 @@ def _original_size(batch: Mapping[str, Any]) -> Optional[tuple[int, int]]:
     if not isinstance(ori, torch.Tensor) or ori.ndim != 2 or ori.shape[0] == 0 or not bool((ori == ori[0]).all()):
         return None
     return int(ori[0, 0]), int(ori[0, 1])
-
-
-def _dotted_table(summary: Mapping[str, float]) -> dict[str, pd.DataFrame]:
-    columns: dict[str, dict[str, float]] = defaultdict(dict)
-    for key, value in summary.items():
-        if "." in key:
-            name, cls = key.split(".", 1)
-            columns[name][cls] = value
-    if not columns:
-        return {}
-    frame = pd.DataFrame(columns)
-    frame.index.name = "class"
-    return {"per_class": frame.reset_index()}
 
 
 def evaluate(

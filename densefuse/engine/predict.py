@@ -115,7 +115,6 @@ def write_predictions(task: Task, cfg: Any, model: nn.Module, device: torch.devi
     Everything is written to a staging folder first and moved into place only when every image succeeded
     and no target exists, so a failure or a clash leaves the user's files as they were (and a folder this
     call created is removed again)."""
-    prepare = getattr(task, "predict_sample", None)  # the task's per-image inputs (depth: KITTI calib, KB crop)
     model.eval()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +124,7 @@ def write_predictions(task: Task, cfg: Any, model: nn.Module, device: torch.devi
         written: list[Path] = []
         with torch.no_grad():
             for path, stem in zip(paths, stems):
-                sample = prepare(read_image(path), path, calib) if prepare else {"image": read_image(path)}
+                sample = task.predict_sample(read_image(path), path, calib)  # depth: KITTI calib, KB crop
                 image = sample["image"]
                 batch = transform(to_device(sample_batch(task, cfg, sample), device))
                 prediction = task.predict(infer_outputs(model, task, batch))

@@ -66,7 +66,7 @@ def preflight_evaluation(model: nn.Module, task: Task, dataset: Dataset, cfg: Ma
                          device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> None:
     """Run the evaluation path once on :func:`hardest_samples` of ``dataset``; a failure is one
     :class:`ConfigError` line naming the samples, their sizes and the ``eval`` settings."""
-    from ..equalizer import equalizers
+    from ..calibration import equalizers
 
     indices, sizes = hardest_samples(dataset)
     if not indices:

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..calibration import calibrate, equalizers, fold
 from ..config.loader import dump
 from ..config.sections import CoreConfig
 from ..data.check import SkipBad, check_dataset, reads_files, verify_default
 from ..data.loader import build_loader
-from ..equalizer import calibrate, equalizers, fold
 from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
 from . import distributed as dist

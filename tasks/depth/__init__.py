@@ -3,7 +3,7 @@ with scale-equalized up-fusions, SILog loss and the nine KITTI metrics."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ class DepthTask(Task):
     metric_direction = "min"
     #: the columns of `densefuse compare` (the paper's Table 5: all nine KITTI metrics)
     table_metrics = METRIC_NAMES
+    predict_calib = True
     dense_keys = {
         "depth": DenseKey("nearest", 0.0),
         "ground": DenseKey("bilinear", 0.0),
@@ -151,7 +152,8 @@ class DepthTask(Task):
 
     def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
         """``model(image, ground, ground_inv)``. Flip TTA (GEDepth's) is the core's ``eval.tta.flip``: it
-        flips the image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`."""
+        flips the image and every per-pixel key with it, ``ground`` included, and merges with :meth:`merge_tta`
+        (the base class's mean of the views, as GEDepth averages the un-flipped prediction with the plain one)."""
         ground, inv = self._ground_for(batch)
         if inv is None:
             return model(batch["image"], ground)
@@ -180,11 +182,6 @@ class DepthTask(Task):
         if crop and size[0] >= crop[0] and size[1] >= crop[1]:
             sample = kb_crop(sample, self.dense_keys, crop)
         return sample
-
-    def merge_tta(self, outputs: Sequence[Any]) -> dict[str, Tensor]:
-        """Average of outputs already mapped back to the original frame (GEDepth's flip TTA)."""
-        outs = [unwrap_outputs(o) for o in outputs]
-        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0] if all(k in o for o in outs)}
 
     # ------------------------------------------------------------------ loss, metric, outputs
     def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from densefuse.tasks import all_reduce_, unwrap_outputs
+from densefuse.tasks import Metric, all_reduce_, unwrap_outputs
 
 #: Output order: the paper's Table 5 (a1 a2 a3 abs_rel rmse log10 rmse_log silog sq_rel).
 METRIC_NAMES = ("a1", "a2", "a3", "abs_rel", "rmse", "log10", "rmse_log", "silog", "sq_rel")
@@ -51,7 +51,7 @@ def image_errors(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.stack([a1, a2, a3, abs_rel, rmse, log10, rmse_log, silog, sq_rel])
 
 
-class DepthMetrics:
+class DepthMetrics(Metric):
     """Accumulates the nine KITTI metrics over a dataset.
 
     Per image: valid = ``min_depth < gt < max_depth`` inside the ``crop`` (``"garg"``, ``"eigen"`` or
@@ -104,10 +104,6 @@ class DepthMetrics:
         both = all_reduce_(both).cpu()
         means = both[0] / both[1]  # 0/0 = NaN when no image had a valid pixel
         return {name: float(v) for name, v in zip(METRIC_NAMES, means)}
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        """Depth has no per-class detail."""
-        return {}
 
 
 def _bhw(x: Tensor) -> Tensor:

@@ -136,15 +136,12 @@ class NormalsTask(Task):
         out["out"] = F.normalize(out["out"], dim=1, eps=1e-6)
         return out
 
-    def merge_tta(self, outputs: Sequence[Any], flipped: Optional[Sequence[bool]] = None) -> dict[str, Tensor]:
+    def merge_tta(self, outputs: Sequence[Any], flipped: Sequence[bool]) -> dict[str, Tensor]:
         """Mean of the test-time views (already mapped back to the original frame by the core, which
-        un-mirrors the pixels but not the vectors), renormalized. A mirrored view's ``n_x`` is negated first.
-        ``flipped`` says which views were mirrored; by default it follows the core's view order (for each
-        scale the plain view, then the mirrored one when ``eval.tta.flip``)."""
+        un-mirrors the pixels but not the vectors), renormalized. A mirrored view's ``n_x`` is negated first."""
         outs = [unwrap_outputs(o)["out"] for o in outputs]
-        if flipped is None:
-            flip = bool((((self.cfg or {}).get("eval") or {}).get("tta") or {}).get("flip", False))
-            flipped = [flip and i % 2 == 1 for i in range(len(outs))]
+        if not outs:
+            raise ValueError("merge_tta needs at least one view")
         if len(flipped) != len(outs):
             raise ValueError(f"{len(outs)} views but {len(flipped)} flip flags")
         sign = torch.tensor([-1.0, 1.0, 1.0])

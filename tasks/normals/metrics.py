@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from densefuse.tasks import all_reduce_, unwrap_outputs
+from densefuse.tasks import Metric, all_reduce_, unwrap_outputs
 
 #: summary names, in output order
 METRIC_NAMES = ("mean", "median", "within_11.25", "within_22.5", "within_30")
@@ -39,7 +39,7 @@ def angular_errors(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
-class NormalMetrics:
+class NormalMetrics(Metric):
     """Accumulates angular errors over a dataset.
 
     The mean and the ``within_*`` percentages are exact (sums and counts); the median is read from a
@@ -95,7 +95,3 @@ class NormalMetrics:
         for i in range(len(THRESHOLDS)):
             out[METRIC_NAMES[2 + i]] = float(sums[2 + i]) / n * 100.0
         return out
-
-    def tables(self) -> dict:
-        """Normals have no per-class detail."""
-        return {}

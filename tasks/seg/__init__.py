@@ -174,15 +174,16 @@ class SegTask(Task):
         """Class map (B,H,W) int64 from the logits."""
         return unwrap_outputs(outputs)["out"].argmax(1)
 
-    def merge_tta(self, outputs: Sequence[Any], size: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
-        """Merge test-time views (already flipped back) into one output, as mmseg's ``SegTTAModel``:
-        each view's logits are resized bilinearly to ``size`` (default: the first view's size), turned
-        into softmax probabilities and averaged. Returns ``{"out": log(mean probability)}``: log
-        probabilities are logits of the same distribution, so argmax, metric and softmax all still work."""
+    def merge_tta(self, outputs: Sequence[Any], flipped: Sequence[bool]) -> dict[str, Tensor]:
+        """Merge test-time views (already flipped back; class scores do not change under a mirror, so
+        ``flipped`` is not needed) into one output, as mmseg's ``SegTTAModel``: each view's logits are
+        resized bilinearly to the first view's size, turned into softmax probabilities and averaged.
+        Returns ``{"out": log(mean probability)}``: log probabilities are logits of the same
+        distribution, so argmax, metric and softmax all still work."""
         if not outputs:
             raise ValueError("merge_tta needs at least one view")
         logits = [unwrap_outputs(o)["out"].float() for o in outputs]
-        target = tuple(int(v) for v in (size if size is not None else logits[0].shape[-2:]))
+        target = tuple(logits[0].shape[-2:])
         total = None
         for x in logits:
             if tuple(x.shape[-2:]) != target:
@@ -240,6 +241,7 @@ class SegTask(Task):
         n = self._num_classes(classes)
         pal = self._palette(n)
         out = stem.with_name(stem.name + ".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
         palette_png(classes, pal).save(out)
         paths = [out]
         if image is not None:

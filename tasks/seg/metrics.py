@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from densefuse.data import IGNORE_INDEX
-from densefuse.tasks import all_reduce_, unwrap_outputs
+from densefuse.tasks import Metric, all_reduce_, unwrap_outputs
 
 
-class SegMetrics:
+class SegMetrics(Metric):
     """Accumulates a (C, C) confusion matrix (rows: ground truth, columns: prediction).
 
     ``update`` takes either ``(logits (B,C,h,w) or predictions (B,H,W), target (B,H,W))`` or the
