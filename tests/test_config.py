@@ -302,3 +302,14 @@ def test_optim_type_is_a_choice_in_any_letter_case():
     assert densefuse.load_config("seg/synthetic_upernet_r18", ["optim.type=AdamW"]).optim.type == "AdamW"
     with pytest.raises(ConfigError, match=r"'optim.type' must be one of adamw, sgd, got str 'adam'"):
         densefuse.load_config("seg/synthetic_upernet_r18", ["optim.type=adam"])
+
+
+def test_a_config_that_is_not_text_or_has_a_bad_base_is_one_line(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not a UTF-8 text file \(byte 0: invalid start byte\)"):
+        densefuse.load_config(tmp_path / "bin.yaml")
+    (tmp_path / "ok.yaml").write_text("seed: 1\n")
+    for bad, shown in (("5", "5"), ("[ok.yaml, 3]", r"\['ok.yaml', 3\]")):
+        (tmp_path / "b.yaml").write_text(f"_base_: {bad}\n")
+        with pytest.raises(ConfigError, match=rf"b.yaml: _base_ must be a file name or a list of file names, got {shown}"):
+            densefuse.load_config(tmp_path / "b.yaml")

@@ -127,6 +127,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); a config is YAML text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -143,6 +145,8 @@ def _load_layers(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict, dict]:
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
     merged: dict = {}
     for b in bases:
         bp = (path.parent / b) if not Path(b).is_absolute() else Path(b)
