@@ -164,30 +164,41 @@ def test_sync_bn_setting(monkeypatch):
 
 
 #: the default pipeline: batch augmentation on the device (scale-crop, flip, here photometric too) and
-#: dropout 0.1 in both heads, each drawn per sample from its stream position. SGD: AdamW (the default)
-#: divides by the root of tiny second moments and grows the all-reduce's rounding noise (measured in
-#: docs/distributed.md: losses equal to 1e-6 for 5 iterations, 5e-4 apart by iteration 20)
+#: dropout 0.1 in both heads, each drawn per sample from its stream position
 WORLD_INVARIANT = ["data.pipeline=batch", "data.augment.photometric=true", "model.decode_head.dropout=0.1",
-                   "optim.type=sgd", "optim.lr=0.01",
                    "model.auxiliary_head.dropout=0.1", "train.iters=20", "train.val_interval=20",
                    "train.ckpt_interval=20", "train.log_interval=1", "calibration.num_images=8",
                    "calibration.batch_size=4"]
 
 
 @pytest.mark.slow
-def test_default_pipeline_and_dropout_train_alike_on_one_and_two_processes(tmp_path):
+@pytest.mark.parametrize("optim", [
+    # SGD keeps float rounding at rounding level: the targets hold over all 20 iterations
+    pytest.param(["optim.type=sgd", "optim.lr=0.01"], id="sgd"),
+    # the default AdamW (lr 1e-3) makes a step of about lr from any gradient element near its eps (1e-8), so
+    # rounding-level differences (the all-reduce's sums, SyncBN's arithmetic; a 1-process run with its samples
+    # reversed differs as much, tools/world_size_parity.py) grow after iteration 5 (docs/distributed.md):
+    # equal to 1e-5 over iterations 1-5 (a rank-dependent draw differs from iteration 1 by ~3e-3), bounded after
+    pytest.param([], id="adamw"),
+])
+def test_default_pipeline_and_dropout_train_alike_on_one_and_two_processes(tmp_path, optim):
     one, two = tmp_path / "one", tmp_path / "two"
-    train(tiny_cfg(*WORLD_INVARIANT, "train.batch_size=4"), one)
-    proc = _torchrun(two, 2, [*TINY, *WORLD_INVARIANT, "train.batch_size=2"])
+    train(tiny_cfg(*WORLD_INVARIANT, *optim, "train.batch_size=4"), one)
+    proc = _torchrun(two, 2, [*TINY, *WORLD_INVARIANT, *optim, "train.batch_size=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     la, lb = _losses(one), _losses(two)
     assert len(la) == len(lb) == 20
-    loss_diff = max(abs(a - b) for (_, a), (_, b) in zip(la, lb))
+    diffs = [abs(a - b) for (_, a), (_, b) in zip(la, lb)]
     wa, wb = load_checkpoint(one / "final.pth")["model"], load_checkpoint(two / "final.pth")["model"]
     weight_diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa
                       if wa[k].is_floating_point() and "running_" not in k)
-    print(f"1 vs 2 processes, 20 iterations: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
-    assert loss_diff <= 1e-5 and weight_diff <= 1e-4
+    print(f"1 vs 2 processes, 20 iterations: max |loss diff| {max(diffs):.2e} (iterations 1-5: {max(diffs[:5]):.2e}), "
+          f"max |weight diff| {weight_diff:.2e}")
+    if optim:
+        assert max(diffs) <= 1e-5 and weight_diff <= 1e-4
+    else:
+        assert max(diffs[:5]) <= 1e-5
+        assert max(diffs) <= 1e-2 and weight_diff <= 2e-2  # measured 6.6e-4 and 4.7e-3
 
 
 #: run as ``python -c`` with torchrun's variables: the ``densefuse`` command line, where rank 1 (only) gets a

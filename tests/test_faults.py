@@ -76,6 +76,26 @@ def test_nan_gradient_with_skip_drops_the_step_and_trains_on(tmp_path, nan_gradi
     _finite(tmp_path / "run" / "final.pth")
 
 
+def test_a_nan_loss_stops_with_one_line(tmp_path, monkeypatch):
+    original = TrainStep.__call__
+
+    def nan_loss_at_2(self, batches, iteration):
+        if iteration != 1:
+            return original(self, batches, iteration)
+        loss_fn = self.task.loss
+        self.task.loss = lambda outputs, batch: (lambda v, p: (v + float("nan"), p))(*loss_fn(outputs, batch))
+        try:
+            return original(self, batches, iteration)
+        finally:
+            del self.task.loss
+
+    monkeypatch.setattr(TrainStep, "__call__", nan_loss_at_2)
+    args = ["train", "--config", CONFIG, *sum((["--set", o] for o in [*TINY, *TINY6]), []), "--work-dir", tmp_path / "run"]
+    line = assert_user_error(cli(*args), "loss became nan at iteration 2; stopped before the weights changed")
+    assert "processes" not in line
+    assert not (tmp_path / "run" / "latest.pth").exists()
+
+
 def test_skip_stops_past_the_limit(tmp_path, nan_gradient_at):
     nan_gradient_at(1)
     cfg = tiny_cfg(*TINY6, "train.nonfinite=skip", "train.nonfinite_limit=0")
