@@ -10,6 +10,9 @@ gloo group through torchrun's variables, as ``densefuse train`` does under torch
 - ``one, samples reversed``: the same process with the samples of every batch in reverse order: the
   same mathematics (the loss is a mean, BatchNorm statistics are sums), other float rounding. It is the
   control: how far float rounding alone moves a run;
+- ``one, SyncBN arithmetic``: the same process with its BatchNorm statistics computed the way the
+  gloo SyncBN computes them (sums over the batch, in one process): the same mathematics as
+  ``BatchNorm``'s own kernel, other rounding. A second control;
 - ``two``: 2 gloo processes, batch 2 each (SyncBN over both).
 
 Table 1 (``--out``): for each optimizer, the largest loss difference to ``one`` over iterations 1-5,
@@ -44,7 +47,8 @@ SMALL = ["model.encoder.name=resnet10t", "model.decode_head.channels=16", "model
          "data.pipeline=batch", "data.augment.photometric=true", "model.decode_head.dropout=0.1",
          "model.auxiliary_head.dropout=0.1", "train.log_interval=1"]
 OPTIMIZERS = {"adamw": ["optim.type=adamw", "optim.lr=0.001"], "sgd": ["optim.type=sgd", "optim.lr=0.01"]}
-RUNS = {"one": (1, False), "one, samples reversed": (1, True), "two": (2, False)}
+RUNS = {"one": (1, ""), "one, samples reversed": (1, "reverse"), "one, SyncBN arithmetic": (1, "syncbn"),
+        "two": (2, "")}
 WINDOWS = ((1, 5), (6, 10), (11, 20))
 
 
@@ -54,7 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, reverse: bool, overrides: list[str], out: str) -> None:
+def _worker(rank: int, world: int, port: int, control: str, overrides: list[str], out: str) -> None:
     """One process of one run: trains, and (rank 0) saves every step's loss, gradients and weights."""
     torch.set_num_threads(1)
     if world > 1:
@@ -62,14 +66,23 @@ def _worker(rank: int, world: int, port: int, reverse: bool, overrides: list[str
                           MASTER_PORT=str(port))
     import densefuse
     from densefuse.engine import Trainer
-    from densefuse.engine.distributed import all_reduce_mean, unwrap
+    from densefuse.engine.distributed import _SyncBatchNormCPU, all_reduce_mean, unwrap
     from densefuse.engine.step import TrainStep
+
+    if control == "syncbn":  # BN converted as for 2 processes, its sums "reduced" over this one process
+        Trainer._synced_bn = lambda self: True  # type: ignore[method-assign]
+        plain = torch.nn.BatchNorm2d.forward
+
+        def forward(self: _SyncBatchNormCPU, x: torch.Tensor) -> torch.Tensor:
+            return self.synced(x, lambda t: t) if self.training else plain(self, x)
+
+        _SyncBatchNormCPU.forward = forward  # type: ignore[method-assign]
 
     steps: list[dict[str, Any]] = []
     original = TrainStep.__call__
 
     def call(self: TrainStep, batches: list[dict[str, Any]], iteration: int) -> tuple[float, dict[str, float]]:
-        if reverse:  # every per-sample tensor (image, label, sample seed) in reverse order
+        if control == "reverse":  # every per-sample tensor (image, label, sample seed) in reverse order
             batches = [{k: v.flip(0) if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(b["image"]) else v
                         for k, v in b.items()} for b in batches]
         model = unwrap(self.model)
@@ -91,8 +104,8 @@ def _worker(rank: int, world: int, port: int, reverse: bool, overrides: list[str
         torch.save(steps, out)
 
 
-def train(world: int, reverse: bool, overrides: list[str], out: Path) -> list[dict[str, Any]]:
-    mp.spawn(_worker, args=(world, _free_port(), reverse, overrides, str(out)), nprocs=world, join=True)
+def train(world: int, control: str, overrides: list[str], out: Path) -> list[dict[str, Any]]:
+    mp.spawn(_worker, args=(world, _free_port(), control, overrides, str(out)), nprocs=world, join=True)
     return torch.load(out)
 
 
@@ -126,8 +139,8 @@ def main() -> None:
     rows, step1 = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for opt in args.optimizers:
-            runs = {name: train(world, rev, [*common, *OPTIMIZERS[opt]], Path(tmp) / f"{opt}-{i}.pt")
-                    for i, (name, (world, rev)) in enumerate(RUNS.items())}
+            runs = {name: train(world, control, [*common, *OPTIMIZERS[opt]], Path(tmp) / f"{opt}-{i}.pt")
+                    for i, (name, (world, control)) in enumerate(RUNS.items())}
             ref = runs["one"]
             for name, steps in runs.items():
                 if name == "one":

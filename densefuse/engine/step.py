@@ -194,7 +194,9 @@ class TrainStep:
         """Drop this step (``nonfinite: skip``): no optimizer or scaler update, BN statistics restored,
         the scheduler advanced."""
         self.optimizer.zero_grad(set_to_none=True)
-        if buffers is not None:
+        if self.scaler.is_enabled():  # forget this step's unscale, keeping the scale and its growth count
+            self.scaler.update(self.scaler.get_scale())
+        if buffers:  # (a model may have none)
             torch._foreach_copy_([b for b in self.model.buffers() if b.is_floating_point()], buffers)
         self.scheduler.step()
         self.skipped = why
