@@ -198,7 +198,7 @@ def test_default_pipeline_and_dropout_train_alike_on_one_and_two_processes(tmp_p
         assert max(diffs) <= 1e-5 and weight_diff <= 1e-4
     else:
         assert max(diffs[:5]) <= 1e-5
-        assert max(diffs) <= 1e-2 and weight_diff <= 2e-2  # measured 6.6e-4 and 4.7e-3
+        assert max(diffs) <= 1e-2 and weight_diff <= 2e-2  # measured 5.2e-4 and 3.4e-3 (the tool: 6.6e-4, 4.6e-3)
 
 
 #: run as ``python -c`` with torchrun's variables: the ``densefuse`` command line, where rank 1 (only) gets a
