@@ -164,27 +164,126 @@ def test_sync_bn_setting(monkeypatch):
 
 
 #: the default pipeline: batch augmentation on the device (scale-crop, flip, here photometric too) and
-#: dropout 0.1 in both heads, each drawn per sample from its stream position. SGD: AdamW (the default)
-#: divides by the root of tiny second moments and grows the all-reduce's rounding noise (measured in
-#: docs/distributed.md: losses equal to 1e-6 for 5 iterations, 5e-4 apart by iteration 20)
+#: dropout 0.1 in both heads, each drawn per sample from its stream position
 WORLD_INVARIANT = ["data.pipeline=batch", "data.augment.photometric=true", "model.decode_head.dropout=0.1",
-                   "optim.type=sgd", "optim.lr=0.01",
                    "model.auxiliary_head.dropout=0.1", "train.iters=20", "train.val_interval=20",
                    "train.ckpt_interval=20", "train.log_interval=1", "calibration.num_images=8",
                    "calibration.batch_size=4"]
 
 
 @pytest.mark.slow
-def test_default_pipeline_and_dropout_train_alike_on_one_and_two_processes(tmp_path):
+@pytest.mark.parametrize("optim", [
+    # SGD keeps float rounding at rounding level: the issue's targets hold over all 20 iterations
+    pytest.param(["optim.type=sgd", "optim.lr=0.01"], id="sgd"),
+    # the default AdamW (lr 1e-3) makes a step of about lr from any gradient element near its eps (1e-8), so
+    # rounding-level differences (the all-reduce's sums, SyncBN's arithmetic; a 1-process run with its samples
+    # reversed differs as much, tools/world_size_parity.py) grow after iteration 5 (docs/distributed.md):
+    # equal to 1e-5 over iterations 1-5 (a rank-dependent draw differs from iteration 1 by ~3e-3), bounded after
+    pytest.param([], id="adamw"),
+])
+def test_default_pipeline_and_dropout_train_alike_on_one_and_two_processes(tmp_path, optim):
     one, two = tmp_path / "one", tmp_path / "two"
-    train(tiny_cfg(*WORLD_INVARIANT, "train.batch_size=4"), one)
-    proc = _torchrun(two, 2, [*TINY, *WORLD_INVARIANT, "train.batch_size=2"])
+    train(tiny_cfg(*WORLD_INVARIANT, *optim, "train.batch_size=4"), one)
+    proc = _torchrun(two, 2, [*TINY, *WORLD_INVARIANT, *optim, "train.batch_size=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     la, lb = _losses(one), _losses(two)
     assert len(la) == len(lb) == 20
-    loss_diff = max(abs(a - b) for (_, a), (_, b) in zip(la, lb))
+    diffs = [abs(a - b) for (_, a), (_, b) in zip(la, lb)]
     wa, wb = load_checkpoint(one / "final.pth")["model"], load_checkpoint(two / "final.pth")["model"]
     weight_diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa
                       if wa[k].is_floating_point() and "running_" not in k)
-    print(f"1 vs 2 processes, 20 iterations: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
-    assert loss_diff <= 1e-5 and weight_diff <= 1e-4
+    print(f"1 vs 2 processes, 20 iterations: max |loss diff| {max(diffs):.2e} (iterations 1-5: {max(diffs[:5]):.2e}), "
+          f"max |weight diff| {weight_diff:.2e}")
+    if optim:
+        assert max(diffs) <= 1e-5 and weight_diff <= 1e-4
+    else:
+        assert max(diffs[:5]) <= 1e-5
+        assert max(diffs) <= 1e-2 and weight_diff <= 2e-2  # measured 5.2e-4 and 3.4e-3 (the tool: 6.6e-4, 4.6e-3)
+
+
+#: run as ``python -c`` with torchrun's variables: the ``densefuse`` command line, where rank 1 (only) gets a
+#: nan loss with finite gradients at the 0-based iteration ``NAN_AT``; each rank writes the steps it dropped
+#: the steps it began and a digest of its weights to ``NAN_OUT.<rank>`` when it exits
+NAN_ON_RANK_1 = """
+import atexit, hashlib, json, os, sys
+from densefuse.engine.distributed import unwrap
+from densefuse.engine.step import TrainStep
+
+rank, at, out = int(os.environ["RANK"]), int(os.environ["NAN_AT"]), os.environ["NAN_OUT"]
+original, seen, steps = TrainStep.__call__, [], []
+
+def call(self, batches, iteration):
+    steps[:] = [self]
+    seen.append([iteration, None])
+    if rank == 1 and iteration == at:
+        loss_fn = self.task.loss
+        self.task.loss = lambda outputs, batch: (lambda v, p: (v + float("nan"), p))(*loss_fn(outputs, batch))
+    try:
+        return original(self, batches, iteration)
+    finally:
+        self.task.__dict__.pop("loss", None)
+        seen[-1][1] = self.skipped
+
+def report():
+    digest = hashlib.sha256()
+    for t in unwrap(steps[0].model).state_dict().values():
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"skipped": [s for s in seen if s[1] is not None], "steps": len(seen),
+                   "weights": digest.hexdigest()}, f)
+
+TrainStep.__call__ = call
+atexit.register(report)
+from densefuse.cli import main
+main(prog_name="densefuse")
+"""
+
+
+def _two_ranks_with_nan_on_rank_1(tmp_path, nan_at, overrides, dist_timeout=120):
+    """Two processes with torchrun's variables (each one's exit code and stderr kept), a nan loss on rank 1."""
+    port, out = _free_port(), str(tmp_path / "seen")
+    args = [sys.executable, "-c", NAN_ON_RANK_1, "train", "-c", CONFIG, "--work-dir", str(tmp_path / "run"),
+            "--no-progress"]
+    for o in [*TINY, *overrides, f"train.dist_timeout={dist_timeout}"]:
+        args += ["--set", o]
+    procs = []
+    t0 = time.time()
+    for r in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NAN_AT": str(nan_at), "NAN_OUT": out}
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=3 * dist_timeout) for p in procs]
+    elapsed = time.time() - t0
+    seen = [__import__("json").loads((tmp_path / f"seen.{r}").read_text()) for r in range(2)]
+    return [p.returncode for p in procs], [err for _, err in results], seen, elapsed
+
+
+NAN6 = ["train.iters=6", "train.ckpt_interval=3", "train.val_interval=3", "calibration.num_images=4"]
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
+    codes, errs, seen, elapsed = _two_ranks_with_nan_on_rank_1(tmp_path, 4, NAN6)
+    line = ("error: loss became nan at iteration 5 on 1 of 2 processes; stopped before the weights changed, so the "
+            "last checkpoint is the last finite state")
+    for r in range(2):  # both ranks: exit 2, the one line, no traceback, at the same step
+        assert codes[r] == 2, errs[r][-3000:]
+        assert errs[r].strip().splitlines()[-1].startswith(line), errs[r][-3000:]
+        assert "Traceback" not in errs[r]
+        assert seen[r]["steps"] == 5 and seen[r]["skipped"] == []
+    assert seen[0]["weights"] == seen[1]["weights"]
+    assert elapsed < 120  # train.dist_timeout: nobody waited for a rank that had left
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "latest.pth")["iter"] == 3  # nothing written after the last finite state
+    assert not (run / "iter_0000006.pth").exists() and not (run / "final.pth").exists()
+    assert list(pd.read_csv(run / "metrics.csv")["iter"]) == [3]
+
+
+def test_a_nan_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    codes, errs, seen, _ = _two_ranks_with_nan_on_rank_1(tmp_path, 4, [*NAN6, "train.nonfinite=skip"])
+    assert codes == [0, 0], errs[1][-3000:]
+    for r in range(2):  # both dropped the same step, for the same reason, and kept the same weights
+        assert seen[r]["skipped"] == [[4, "loss nan on 1 of 2 processes"]] and seen[r]["steps"] == 6
+    assert seen[0]["weights"] == seen[1]["weights"]
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "latest.pth")["loop"]["skipped"] == 1
+    assert "iteration 5: loss nan on 1 of 2 processes; step skipped (1 so far" in (run / "log.txt").read_text()

@@ -76,6 +76,58 @@ def test_nan_gradient_with_skip_drops_the_step_and_trains_on(tmp_path, nan_gradi
     _finite(tmp_path / "run" / "final.pth")
 
 
+def test_a_nan_loss_stops_with_one_line(tmp_path, monkeypatch):
+    original = TrainStep.__call__
+
+    def nan_loss_at_2(self, batches, iteration):
+        if iteration != 1:
+            return original(self, batches, iteration)
+        loss_fn = self.task.loss
+        self.task.loss = lambda outputs, batch: (lambda v, p: (v + float("nan"), p))(*loss_fn(outputs, batch))
+        try:
+            return original(self, batches, iteration)
+        finally:
+            del self.task.loss
+
+    monkeypatch.setattr(TrainStep, "__call__", nan_loss_at_2)
+    args = ["train", "--config", CONFIG, *sum((["--set", o] for o in [*TINY, *TINY6]), []), "--work-dir", tmp_path / "run"]
+    line = assert_user_error(cli(*args), "loss became nan at iteration 2; stopped before the weights changed")
+    assert "processes" not in line
+    assert not (tmp_path / "run" / "latest.pth").exists()
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_a_grad_scaler_overflow_is_not_a_non_finite_step_but_a_nan_loss_is(nonfinite):
+    """fp16's grad scaler (exercised on CPU without fp16 autocast): a finite loss whose scaled gradients
+    overflow is the scaler's business (it skips the step and halves its scale); a nan loss is a non-finite step."""
+    from torch import nn
+
+    from .test_amp import _Toy
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, _Toy(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0), torch.device("cpu"),
+                     nonfinite=nonfinite)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    zeros = torch.zeros(2, 1, 4, 4)
+    weights = [p.detach().clone() for p in model.parameters()]
+    step([{"image": torch.full((2, 3, 4, 4), 1e18), "target": zeros}], 0)  # finite loss, scaled gradient inf
+    assert step.skipped is None and step.scaler.get_scale() == 2.0**15
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    nan = {"image": torch.ones(2, 3, 4, 4), "target": torch.full_like(zeros, float("nan"))}
+    if nonfinite == "stop":
+        with pytest.raises(NonFiniteError, match="loss became nan at iteration 2; stopped before the weights changed"):
+            step([nan], 1)
+    else:
+        step([nan], 1)
+        assert step.skipped == "loss nan" and step.scaler.get_scale() == 2.0**15  # the scaler untouched
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    if nonfinite == "skip":
+        step([{"image": torch.ones(2, 3, 4, 4), "target": zeros}], 2)  # trains on
+        assert step.skipped is None and not torch.equal(weights[0], model.weight)
+
+
 def test_skip_stops_past_the_limit(tmp_path, nan_gradient_at):
     nan_gradient_at(1)
     cfg = tiny_cfg(*TINY6, "train.nonfinite=skip", "train.nonfinite_limit=0")

@@ -185,6 +185,11 @@ class _SyncBatchNormCPU(_BatchNorm):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        return self.synced(x, all_reduce)
+
+    def synced(self, x: Tensor, all_reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        """Train-mode batch norm with statistics summed by ``all_reduce`` (differentiable; the identity
+        gives the same statistics in one process, by this arithmetic rather than ``BatchNorm``'s kernel)."""
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)

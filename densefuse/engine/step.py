@@ -11,8 +11,15 @@ never reaches the optimizer. ``stop`` raises :class:`NonFiniteError` before the 
 last checkpoint stays the last finite state); ``skip`` drops the step: the optimizer, its moments and
 the grad scaler are untouched and the BN running statistics of the dropped forward are put back, while
 the scheduler advances (the learning rate stays a function of the iteration, as planned and as a resume
-computes it). Under fp16 the grad scaler already skips steps with inf/nan gradients (that is how it
-finds its scale), so only the loss is checked there.
+computes it).
+
+Every rank takes the same decision: a micro-batch whose loss is non-finite still runs its backward,
+with one parameter's gradient made nan, so DDP's own gradient all-reduce carries the verdict and the
+norm, computed from the all-reduced gradients, is non-finite on every rank at once. Only then (never
+in a finite step) one small all-reduce tells every rank whether a loss or only the gradient went
+non-finite, so all of them raise the same line or drop the same step. Under fp16 the gradients are
+unscaled first; a non-finite norm with every loss finite is the grad scaler's overflow (it skips the
+step and lowers its scale, as it does to find its scale), not a non-finite step.
 """
 from __future__ import annotations
 
@@ -114,7 +121,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped = None
         n = len(batches)
-        loss_sum, parts_sum = 0.0, {}
+        loss_sum, parts_sum, bad_loss = 0.0, {}, 0.0
         buffers = self._buffers() if self.nonfinite == "skip" else None
         for i, batch in enumerate(batches):
             if self.channels_last:
@@ -125,35 +132,59 @@ class TrainStep:
                     outputs = self.task.forward(self.model, batch)
                     loss, parts = self.task.loss(outputs, batch)
                 value = float(loss.detach())
-                if not math.isfinite(value) and self.nonfinite == "stop":
-                    raise NonFiniteError(f"loss became {value} at iteration {iteration + 1}; lower optim.lr")
-                # skip: backward anyway, so DDP's gradient all-reduce carries the nan to every rank and
-                # all of them drop the step together
+                if math.isfinite(value):
+                    loss_sum += value
+                else:  # backward anyway (the other ranks are in theirs), carrying the verdict in a gradient
+                    bad_loss += value
+                    loss = loss + self._poison()
                 self.scaler.scale(loss / n).backward()
-            loss_sum += value
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-        if not math.isfinite(loss_sum):  # skip (stop raised above)
-            return self._drop(f"loss {loss_sum / n}", buffers, loss_sum / n)
-        if self.dtype is not torch.float16:  # fp16: the scaler skips inf/nan gradients itself
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            norm = float(grad_norm(params))
-            if not math.isfinite(norm):
-                if self.nonfinite == "stop":
-                    raise NonFiniteError(
-                        f"gradient norm became {norm} at iteration {iteration + 1} (loss {loss_sum / n:.6g} was "
-                        "finite); stopped before the weights changed, so the last checkpoint is the last finite "
-                        "state; lower optim.lr, set train.grad_clip, or train.nonfinite=skip to drop such steps")
-                return self._drop(f"gradient norm {norm}", buffers, loss_sum / n)
-            if self.grad_clip:
-                nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(norm))
-        elif self.grad_clip:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        norm = float(grad_norm(params))  # of the all-reduced gradients: the same on every rank
+        if not math.isfinite(norm):
+            why = self._verdict(loss_sum, bad_loss, norm, n, iteration)
+            if why is not None:
+                return self._drop(why, buffers, loss_sum / n if bad_loss == 0 else bad_loss)
+        elif self.grad_clip:
+            nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return loss_sum / n, {k: v / n for k, v in parts_sum.items()}
+
+    def _poison(self) -> Tensor:
+        """A nan term whose gradient makes one parameter's gradient nan (and adds nothing else)."""
+        p = next(p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
+        return p.sum() * float("nan")
+
+    def _verdict(self, loss_sum: float, bad_loss: float, norm: float, n: int, iteration: int) -> Optional[str]:
+        """What a non-finite gradient norm means, agreed by every rank (they all got here: the norm is of
+        the all-reduced gradients): raises under ``stop``, returns why the step is dropped under ``skip``,
+        or ``None`` for an fp16 overflow with every loss finite (the grad scaler handles it)."""
+        from . import distributed as dist
+
+        total = dist.all_reduce_sum(torch.tensor([loss_sum, bad_loss, float(bad_loss != 0)], dtype=torch.float64))
+        world = dist.world_size()
+        finite_loss, bad_value, bad_ranks = float(total[0]) / (n * world), float(total[1]), int(total[2])
+        if bad_ranks:
+            where = f" on {bad_ranks} of {world} processes" if world > 1 else ""
+            if self.nonfinite == "stop":
+                raise NonFiniteError(
+                    f"loss became {bad_value} at iteration {iteration + 1}{where}; stopped before the weights "
+                    "changed, so the last checkpoint is the last finite state; lower optim.lr, set train.grad_clip, "
+                    "or train.nonfinite=skip to drop such steps")
+            return f"loss {bad_value}{where}"
+        if self.scaler.is_enabled():
+            return None
+        if self.nonfinite == "stop":
+            raise NonFiniteError(
+                f"gradient norm became {norm} at iteration {iteration + 1} (loss {finite_loss:.6g} was "
+                "finite); stopped before the weights changed, so the last checkpoint is the last finite "
+                "state; lower optim.lr, set train.grad_clip, or train.nonfinite=skip to drop such steps")
+        return f"gradient norm {norm}"
 
     def _buffers(self) -> list[Tensor]:
         """Copies of the floating-point buffers (BN running statistics) a dropped step must put back."""
@@ -163,7 +194,9 @@ class TrainStep:
         """Drop this step (``nonfinite: skip``): no optimizer or scaler update, BN statistics restored,
         the scheduler advanced."""
         self.optimizer.zero_grad(set_to_none=True)
-        if buffers is not None:
+        if self.scaler.is_enabled():  # forget this step's unscale, keeping the scale and its growth count
+            self.scaler.update(self.scaler.get_scale())
+        if buffers:  # (a model may have none)
             torch._foreach_copy_([b for b in self.model.buffers() if b.is_floating_point()], buffers)
         self.scheduler.step()
         self.skipped = why
