@@ -183,7 +183,9 @@ def resize_tensor(x: Tensor, size: Sequence[int], resample: str, style: str = "f
         return _bilinear_uint8(x, (h, w), cache)[..., y1:y2, x1:x2]
     mode = {"nearest": "nearest-exact", "bilinear": "bilinear"}[resample]
     extra = {} if mode == "nearest-exact" else {"align_corners": False}
-    out = cast_to(F.interpolate(x.float()[None], size=(h, w), mode=mode, **extra)[0], x.dtype)
+    src = x.float().reshape(1, -1, *x.shape[-2:])  # (H,W) and (C,H,W) maps alike
+    out = F.interpolate(src, size=(h, w), mode=mode, **extra).reshape(*x.shape[:-2], h, w)
+    out = cast_to(out, x.dtype)
     return out if box is None else out[..., y1:y2, x1:x2]
 
 
