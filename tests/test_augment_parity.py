@@ -3,8 +3,10 @@
 ``tests/data/augment_parity.pt.gz`` holds the outputs of fixed-seed runs of every augmentation path (the
 loader's crop, the mmseg-style seg pipeline with and without photometric distortion and cat_max_ratio, the
 seg test resize, the depth train pipeline and its single ops, the batched device augmentation with and
-without per-sample seeds). Integer outputs (labels, uint8 images, masks) must match exactly; float outputs
-within float32 rounding, so a different CPU kernel does not fail the test. Re-record (only after a change
+without per-sample seeds). Labels, nearest-resampled maps and masks must match exactly; uint8 images within
+one grey level on under 1 % of the pixels and float outputs within float32 rounding, so another CPU's
+interpolation kernel does not fail the test. Run as a script, the file checks every output bit for bit
+(on the machine that recorded them: all equal). Re-record (only after a change
 that is meant to alter the streams) with ``python tests/test_augment_parity.py --record``.
 """
 from __future__ import annotations
@@ -118,7 +120,10 @@ def test_augmentation_outputs_match_the_recording():
         assert x.dtype == ref.dtype and x.shape == ref.shape, name
         if ref.dtype.is_floating_point:
             torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-4, msg=name)
-        else:
+        elif name.endswith("/image"):  # uint8 pixels: another CPU's bilinear kernel may round one level apart
+            diff = (x.int() - ref.int()).abs()
+            assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, name
+        else:  # labels, nearest maps, masks: exact everywhere
             assert torch.equal(x, ref), name
 
 
