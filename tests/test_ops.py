@@ -120,6 +120,8 @@ def test_resize_nearest_conventions_are_torchs():
     assert nearest_index(4, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     with pytest.raises(ValueError, match="resize style"):
         resize_tensor(x, (8, 8), "nearest", "lanczos")
+    with pytest.raises(ValueError, match="resample"):
+        resize_tensor(x, (8, 8), "bicubic", "float")
 
 
 def test_hflip_mirrors_every_key():

@@ -172,6 +172,8 @@ def resize_tensor(x: Tensor, size: Sequence[int], resample: str, style: str = "f
     interpolated in float32 (``nearest-exact`` or ``bilinear``, ``align_corners=False``) and cast back."""
     if style not in RESIZE_STYLES:
         raise ValueError(f"resize style must be one of {RESIZE_STYLES}, got {style!r}")
+    if resample not in ("bilinear", "nearest"):
+        raise ValueError(f"resample must be 'bilinear' or 'nearest', got {resample!r}")
     h, w = int(size[0]), int(size[1])
     y1, y2, x1, x2 = box if box is not None else (0, h, 0, w)
     if style == "cv2" and resample == "nearest":
