@@ -8,12 +8,21 @@ from densefuse_tasks.seg.pipeline import (
     build_test_pipeline,
     build_train_pipeline,
     keep_ratio_size,
-    resize_crop_image,
-    resize_crop_label,
     zero_padding,
 )
 
 from densefuse import ConfigError
+from densefuse.data.ops import Draw, nearest_index, resize_tensor
+
+
+def resize_crop_image(image, size, box=None):
+    """The seg pipeline's image resize: bilinear in the cv2 style (uint8 fixed point), then the box."""
+    return resize_tensor(image, size, "bilinear", "cv2", box).contiguous()
+
+
+def resize_crop_label(label, size, box=None):
+    """The seg pipeline's label resize: cv2's nearest, gathering only the box."""
+    return resize_tensor(label, size, "nearest", "cv2", box)
 
 
 def _sample(h, w, num_classes=5, seed=0):
@@ -117,7 +126,7 @@ def test_photometric_on_the_worker_keeps_uint8_and_geometry():
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 32, 32)
 
 
-def test_photometric_saturation_matches_hsv_scaling():
+def test_photometric_saturation_matches_hsv_scaling(monkeypatch):
     from densefuse_tasks.seg import pipeline
     from kornia.color import hsv_to_rgb, rgb_to_hsv
 
@@ -125,12 +134,8 @@ def test_photometric_saturation_matches_hsv_scaling():
     gen = torch.Generator().manual_seed(0)
     # coins: no brightness, contrast first but skipped, saturation on, hue off
     coins = iter([False, True, False, True, False])
-    orig = pipeline._coin
-    pipeline._coin = lambda g: next(coins)
-    try:
-        out = pipeline.photometric_distortion(img, gen, saturation_range=(0.7, 0.7))
-    finally:
-        pipeline._coin = orig
+    monkeypatch.setattr(Draw, "coin", lambda self, p=0.5: next(coins))
+    out = pipeline.photometric_distortion(img, gen, saturation_range=(0.7, 0.7))
     hsv = rgb_to_hsv(img[None].float() / 255)
     hsv[:, 1] *= 0.7
     ref = (hsv_to_rgb(hsv)[0] * 255 + 1e-3).floor()
@@ -188,13 +193,11 @@ def test_hue_shift_equals_kornias_hsv_round_trip():
 
 
 def test_nearest_label_crop_equals_torch_nearest_for_many_sizes():
-    from densefuse_tasks.seg.pipeline import nearest_index, resize_label
-
     g = torch.Generator().manual_seed(0)
     label = torch.randint(0, 256, (37, 53), generator=g, dtype=torch.uint8)
     for size in ((37, 53), (74, 106), (19, 27), (100, 61), (511, 683), (38, 52)):
         ref = F.interpolate(label[None, None], size=size, mode="nearest")[0, 0]
-        assert torch.equal(resize_label(label, size), ref)
+        assert torch.equal(resize_crop_label(label, size), ref)
         assert torch.equal(resize_crop_label(label.long(), size, (3, size[0] - 2, 5, size[1] - 1)),
                            ref[3:size[0] - 2, 5:size[1] - 1].long())
     assert nearest_index(4, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]

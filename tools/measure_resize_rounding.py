@@ -46,7 +46,9 @@ def _images(h: int, w: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    from densefuse_tasks.seg.pipeline import keep_ratio_size, resize_image
+    from densefuse_tasks.seg.pipeline import keep_ratio_size
+
+    from densefuse.data.ops import resize_tensor
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cv2-python", required=True, help="a python with opencv (cv2)")
@@ -70,7 +72,7 @@ def main() -> None:
         theirs = dict(np.load(dst))
     table = []
     for key, (h, w), size, kind, img in rows:
-        ours = resize_image(torch.from_numpy(img).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+        ours = resize_tensor(torch.from_numpy(img).permute(2, 0, 1), size, "bilinear", "cv2").permute(1, 2, 0).numpy()
         diff = np.abs(ours.astype(np.int16) - theirs[f"img_{key}"].astype(np.int16))
         table.append({"image": f"{h}x{w}", "resized": f"{size[0]}x{size[1]}", "content": kind,
                       "max_abs_diff": int(diff.max()), "mean_abs_diff": round(float(diff.mean()), 4),

@@ -1,4 +1,5 @@
-"""Data utilities shared by tasks: decoding with clear errors, dense-key batch augmentation, loaders."""
+"""Data utilities shared by tasks: decoding with clear errors, per-sample ops (``ops``) and batched augmentation
+over dense keys, the random-draw helper, loaders."""
 from .augment import (
     SEG_KEYS,
     Augment,
@@ -15,12 +16,14 @@ from .augment import (
     scale_crop,
 )
 from .io import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
-from .loader import InfiniteSampler, Loader, RandomCropPad, ShardSampler, build_loader, pad_to
+from .loader import InfiniteSampler, Loader, RandomCropPad, ShardSampler, build_loader
+from .ops import Draw
 
 __all__ = [
     "IGNORE_INDEX",
     "SEG_KEYS",
     "Augment",
+    "Draw",
     "GeometricOp",
     "InfiniteSampler",
     "Loader",
@@ -38,7 +41,6 @@ __all__ = [
     "dense_items",
     "hflip",
     "normalize",
-    "pad_to",
     "read_image",
     "read_label",
     "scale_crop",

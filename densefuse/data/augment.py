@@ -8,18 +8,18 @@ own :class:`~densefuse.tasks.DenseKey`: ``nearest`` keys keep exact input values
 take the key's ``fill`` (the image takes the mean colour, so it is 0 after normalization). A tensor
 of the image's height and width that no table entry declares is an error, never silently left behind.
 
-Random parameters are drawn apart from applying them (``params = op.draw(batch)``,
+The per-sample forms of the geometric ops (on the CPU workers, before collation) are in
+:mod:`densefuse.data.ops`. Random parameters are drawn apart from applying them (``params = op.draw(batch)``,
 ``op.apply(batch, params)``), so a draw can be replayed on another batch, logged, or inverted: flip
 and scale-crop have ``invert`` (flip TTA maps predictions back). :class:`Augment` chains ops and keeps
-the parameters of its last call. Parameters are drawn on the CPU (from ``generator`` if given, else
-torch's global RNG), so runs are reproducible on any device; the pixel work is kornia's.
+the parameters of its last call. Parameters are drawn on the CPU by :class:`BatchDraw` (per-sample seeds,
+else ``generator`` or torch's global RNG), so runs are reproducible on any device; the pixel work is kornia's.
 """
 from __future__ import annotations
 
 import math
-import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..tasks import DenseKey
 from .io import IGNORE_INDEX
+from .ops import Draw, cast_to
 
 Batch = dict
 Params = dict
@@ -67,11 +68,7 @@ def _as_nchw(x: Tensor) -> tuple[Tensor, int]:
 
 
 def _restore(y: Tensor, ndim: int, like: Tensor) -> Tensor:
-    y = y.squeeze(1) if ndim == 3 else y
-    if like.dtype.is_floating_point:
-        return y.to(like.dtype)
-    info = torch.iinfo(like.dtype)
-    return y.round().clamp(info.min, info.max).to(like.dtype)
+    return cast_to(y.squeeze(1) if ndim == 3 else y, like.dtype)
 
 
 def _float_image(x: Tensor) -> Tensor:
@@ -82,28 +79,33 @@ def _float_image(x: Tensor) -> Tensor:
 SAMPLE_SEED = "sample_seed"
 
 
-def draws(batch: Mapping[str, Any], generator: Optional[torch.Generator], salt: str) -> Callable[[], Tensor]:
-    """A function returning one uniform [0, 1) value per sample, (B,), at each call.
+class BatchDraw:
+    """:class:`~densefuse.data.ops.Draw` for a batch: each call gives one value per sample, (B,) CPU tensors.
 
-    With the loader's ``sample_seed`` in ``batch`` each sample draws from its own generator, seeded from
-    its seed and ``salt`` (the op): a sample's parameters depend on its position in the global stream
-    only, so N processes with batch b/N draw what one process with batch b draws. Without it (a batch
-    made by hand), the values come from ``generator`` (or torch's global RNG)."""
-    b = batch["image"].shape[0]
-    seeds = batch.get(SAMPLE_SEED)
-    if not isinstance(seeds, Tensor) or seeds.numel() != b:
-        return lambda: torch.rand(b, generator=generator)
-    offset = zlib.crc32(salt.encode())
-    gens = [torch.Generator().manual_seed((int(v) + offset) % 2**63) for v in seeds.tolist()]
-    return lambda: torch.stack([torch.rand((), generator=g) for g in gens])
+    With the loader's ``sample_seed`` in ``batch`` each sample draws from its own stream
+    (``Draw.seeded(seed, salt)``, ``salt`` naming the op): a sample's parameters depend on its position in
+    the global stream only, so N processes with batch b/N draw what one process with batch b draws.
+    Without it (a batch made by hand), the values come from ``generator`` (or torch's global RNG)."""
 
+    def __init__(self, batch: Mapping[str, Any], generator: Optional[torch.Generator], salt: str) -> None:
+        self.size, self.generator = batch["image"].shape[0], generator
+        seeds = batch.get(SAMPLE_SEED)
+        self.samples = ([Draw.seeded(int(v), salt) for v in seeds.tolist()]
+                        if isinstance(seeds, Tensor) and seeds.numel() == self.size else None)
 
-def _uniform(rand: Callable[[], Tensor], lo: float, hi: float) -> Tensor:
-    return rand() * (hi - lo) + lo
+    def rand(self) -> Tensor:
+        """Uniform [0, 1), (B,) float32."""
+        if self.samples is None:
+            return torch.rand(self.size, generator=self.generator)
+        return torch.stack([d.rand() for d in self.samples])
 
+    def uniform(self, lo: float, hi: float) -> Tensor:
+        """Uniform [lo, hi), (B,) float32."""
+        return self.rand() * (hi - lo) + lo
 
-def _coin(rand: Callable[[], Tensor], p: float) -> Tensor:
-    return rand() < p
+    def coin(self, p: float) -> Tensor:
+        """(B,) bool, each true with probability ``p``."""
+        return self.rand() < p
 
 
 class Op(nn.Module, ABC):
@@ -264,11 +266,11 @@ class RandomScaleCrop(GeometricOp):
     def draw(self, batch: Mapping[str, Tensor]) -> Params:
         b, _, H, W = batch["image"].shape
         h, w = self.size or (H, W)
-        rand = draws(batch, self.generator, "RandomScaleCrop")
-        r = _uniform(rand, *self.scale_range)
+        draw = BatchDraw(batch, self.generator, "RandomScaleCrop")
+        r = draw.uniform(*self.scale_range)
         room_y = (H * r - h).clamp(min=0)
         room_x = (W * r - w).clamp(min=0)
-        off = torch.stack([rand() * room_y, rand() * room_x], 1).floor()
+        off = torch.stack([draw.rand() * room_y, draw.rand() * room_x], 1).floor()
         return {"scale": r, "offset": off, "in_size": torch.tensor([H, W])}
 
     def apply(self, batch: Mapping[str, Tensor], params: Params) -> Batch:
@@ -321,7 +323,7 @@ class RandomHorizontalFlip(GeometricOp):
         self.p = float(p)
 
     def draw(self, batch: Mapping[str, Tensor]) -> Params:
-        return {"flip": _coin(draws(batch, self.generator, "RandomHorizontalFlip"), self.p)}
+        return {"flip": BatchDraw(batch, self.generator, "RandomHorizontalFlip").coin(self.p)}
 
     def apply(self, batch: Mapping[str, Tensor], params: Params) -> Batch:
         return hflip(batch, params["flip"], self.keys)
@@ -365,16 +367,16 @@ class PhotoMetricDistortion(Op):
         self.generator = generator
 
     def draw(self, batch: Mapping[str, Tensor]) -> Params:
-        rand = draws(batch, self.generator, "PhotoMetricDistortion")
+        draw = BatchDraw(batch, self.generator, "PhotoMetricDistortion")
 
         def factor(lo: float, hi: float, identity: float) -> Tensor:
-            v = _uniform(rand, lo, hi)
-            return torch.where(_coin(rand, self.p), v, torch.full_like(v, identity))
+            v = draw.uniform(lo, hi)
+            return torch.where(draw.coin(self.p), v, torch.full_like(v, identity))
 
         return {
             "brightness": factor(-self.brightness_delta / 255.0, self.brightness_delta / 255.0, 0.0),
             "contrast": factor(*self.contrast_range, 1.0),
-            "contrast_first": _coin(rand, 0.5),
+            "contrast_first": draw.coin(0.5),
             "saturation": factor(*self.saturation_range, 1.0),
             "hue": factor(-self.hue_delta / 180.0, self.hue_delta / 180.0, 0.0) * (2 * math.pi),
         }

@@ -1,4 +1,5 @@
-"""Samplers, DataLoader construction and the per-sample CPU crop that makes fixed-size tensors.
+"""Samplers, DataLoader construction and the per-sample CPU crop that makes fixed-size tensors
+(:func:`densefuse.data.ops.crop` at a :class:`~densefuse.data.ops.Draw` offset).
 
 Training samples are read under random states that depend only on the run's seed and the sample's
 position in the infinite stream (:class:`SeededSamples`): a sample's random crop, flip or colour jitter
@@ -8,17 +9,16 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Sized, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Sized
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..errors import DensefuseError
 from ..tasks import DenseKey
 from .augment import SAMPLE_SEED, SEG_KEYS, dense_items
+from .ops import Draw, Fill, crop
 
 
 def _dist_info() -> tuple[int, int]:
@@ -274,21 +274,6 @@ def build_loader(
     )
 
 
-def pad_to(x: Tensor, size: Sequence[int], value: Union[float, Sequence[float]]) -> Tensor:
-    """Pad the last two dims of ``x`` at the bottom/right up to ``size`` (no-op when big enough).
-
-    ``value`` is one number or one per channel of a (C,H,W) tensor."""
-    ph, pw = max(int(size[0]) - x.shape[-2], 0), max(int(size[1]) - x.shape[-1], 0)
-    if ph == 0 and pw == 0:
-        return x
-    if isinstance(value, (int, float)):
-        return F.pad(x, (0, pw, 0, ph), value=int(value) if not x.dtype.is_floating_point else float(value))
-    fill = torch.as_tensor(value, dtype=x.dtype).view(-1, 1, 1)
-    out = fill.expand(x.shape[0], x.shape[1] + ph, x.shape[2] + pw).clone()
-    out[:, : x.shape[1], : x.shape[2]] = x
-    return out
-
-
 class RandomCropPad:
     """Per-sample CPU transform: a random ``crop_size`` window, padded bottom/right when the image is
     smaller, so a batch collates to fixed-size tensors. The image is padded with ``fill`` (one value or
@@ -305,7 +290,7 @@ class RandomCropPad:
         self,
         crop_size: Sequence[int],
         keys: Optional[Mapping[str, DenseKey]] = None,
-        fill: Union[float, Sequence[float]] = 0,
+        fill: Fill = 0,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
@@ -313,17 +298,9 @@ class RandomCropPad:
         self.fill, self.generator = fill, generator
 
     def __call__(self, sample: dict) -> dict:
-        ch, cw = self.crop_size
-        H, W = sample["image"].shape[-2:]
-        y0 = int(torch.randint(0, max(H - ch, 0) + 1, (1,), generator=self.generator))
-        x0 = int(torch.randint(0, max(W - cw, 0) + 1, (1,), generator=self.generator))
-        out = dict(sample)
-        fills: list[tuple[str, Union[float, Sequence[float]]]] = [("image", self.fill)]
-        fills += [(name, spec.fill) for name, spec in dense_items(sample, self.keys)]
-        for key, value in fills:
-            x = sample[key][..., y0:y0 + ch, x0:x0 + cw]
-            out[key] = pad_to(x, self.crop_size, value).contiguous()
-        return out
+        list(dense_items(sample, self.keys))  # raises on a per-pixel map the table does not declare
+        top, left = Draw(self.generator).crop_offset(sample["image"].shape[-2:], self.crop_size)
+        return crop(sample, top, left, self.crop_size, self.keys, self.fill)
 
     def __repr__(self) -> str:
         return f"RandomCropPad(crop_size={self.crop_size}, keys={list(self.keys)}, fill={self.fill})"

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from densefuse.data import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
 from densefuse.data.check import missing_file
+from densefuse.data.ops import Draw
 from densefuse.errors import ConfigError, DataError
 
 from .palettes import (
@@ -288,15 +289,6 @@ class SyntheticSeg(Dataset):
         return f"SyntheticSeg(num_images={self.num_images}, size={self.size}, num_classes={self.num_classes}, split={self.split!r})"
 
 
-def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
-    return float(torch.rand((), generator=g)) * (hi - lo) + lo
-
-
-def _randint(g: torch.Generator, lo: int, hi: int) -> int:
-    """Uniform integer in [lo, hi]."""
-    return int(torch.randint(lo, hi + 1, (), generator=g))
-
-
 def _colour(g: torch.Generator, cls: int, spread: float = 55.0) -> Tensor:
     mean = torch.tensor(SyntheticSeg._MEANS[cls], dtype=torch.float32)
     return (mean + spread * torch.randn(3, generator=g)).clamp(0, 255)
@@ -306,10 +298,11 @@ def render_scene(size: Sequence[int], num_classes: int, g: torch.Generator) -> t
     """Draw one synthetic scene: uint8 image (3,H,W) and int64 label (H,W) (see :class:`SyntheticSeg`)."""
     H, W = int(size[0]), int(size[1])
     m = min(H, W)
+    draw = Draw(g)
     yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
 
     # background: a gradient between two random colours along a random direction
-    a = _u(g, 0, 2 * math.pi)
+    a = draw.uniform(0, 2 * math.pi)
     t = ((xx - W / 2) * math.cos(a) + (yy - H / 2) * math.sin(a)) / max(H, W) + 0.5
     c0, c1 = torch.rand(3, generator=g) * 255, torch.rand(3, generator=g) * 255
     image = c0.view(3, 1, 1) + (c1 - c0).view(3, 1, 1) * t.clamp(0, 1)
@@ -329,32 +322,32 @@ def render_scene(size: Sequence[int], num_classes: int, g: torch.Generator) -> t
     for cls in kinds:
         if cls == 5:
             continue
-        objects += [cls] * _randint(g, 0 if cls in (3, 4) else 1, 2)
+        objects += [cls] * draw.randint(0 if cls in (3, 4) else 1, 2)
     order = torch.randperm(len(objects), generator=g).tolist()
     # textured blobs first (large, in the back), then the flat shapes
     objects = sorted((objects[i] for i in order), key=lambda c: c not in (3, 4))
     for cls in objects:
-        cy, cx = _u(g, 0.1, 0.9) * H, _u(g, 0.1, 0.9) * W
-        angle = _u(g, 0, math.pi)
+        cy, cx = draw.uniform(0.1, 0.9) * H, draw.uniform(0.1, 0.9) * W
+        angle = draw.uniform(0, math.pi)
         colour = _colour(g, cls)
         if cls == 1:  # disk
-            r = _u(g, 0.12, 0.3) * m
+            r = draw.uniform(0.12, 0.3) * m
             paint((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r, cls, colour)
         elif cls == 2:  # rectangle
             u, v = rotated(cy, cx, angle)
-            hu, hv = _u(g, 0.1, 0.3) * m, _u(g, 0.08, 0.25) * m
+            hu, hv = draw.uniform(0.1, 0.3) * m, draw.uniform(0.08, 0.25) * m
             paint((u.abs() <= hu) & (v.abs() <= hv), cls, colour)
         else:  # textured ellipse
             u, v = rotated(cy, cx, angle)
-            au, av = _u(g, 0.18, 0.4) * m, _u(g, 0.12, 0.3) * m
+            au, av = draw.uniform(0.18, 0.4) * m, draw.uniform(0.12, 0.3) * m
             mask = (u / au) ** 2 + (v / av) ** 2 <= 1
-            period = _u(g, 3.0, 8.0)
-            tu, tv = rotated(0.0, 0.0, _u(g, 0, math.pi))
+            period = draw.uniform(3.0, 8.0)
+            tu, tv = rotated(0.0, 0.0, draw.uniform(0, math.pi))
             if cls == 3:
                 on = torch.sin(2 * math.pi * tu / period) > 0
             else:
                 on = (torch.sin(2 * math.pi * tu / period) * torch.sin(2 * math.pi * tv / period)) > 0
-            dark = colour * _u(g, 0.2, 0.5)
+            dark = colour * draw.uniform(0.2, 0.5)
             tex = torch.where(on.unsqueeze(0), colour.view(3, 1, 1), dark.view(3, 1, 1))
             paint(mask, cls, tex)
 
@@ -368,9 +361,9 @@ def render_scene(size: Sequence[int], num_classes: int, g: torch.Generator) -> t
     edge[:, :-1] |= dx
 
     if 5 in kinds:  # small dots on top, without a band (they are only a few pixels wide)
-        for _ in range(_randint(g, 6, 14)):
-            cy, cx = _u(g, 0, H), _u(g, 0, W)
-            r = _u(g, 4.0, 6.5)
+        for _ in range(draw.randint(6, 14)):
+            cy, cx = draw.uniform(0, H), draw.uniform(0, W)
+            r = draw.uniform(4.0, 6.5)
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             paint(mask, 5, _colour(g, 5, spread=35.0))
             edge &= ~mask

@@ -8,8 +8,11 @@ Training (mmseg ``configs/_base_/datasets/{ade20k,pascal_voc12_aug,cityscapes}.p
     PhotoMetricDistortion                                           (here, or batched on the device)
     pad bottom/right to crop_size: image 0 after normalization, label 255
 
-All geometry is decided per sample (on the DataLoader workers). Images are resized bilinearly
-(``align_corners=False``, no antialiasing, uint8 fixed point like cv2's INTER_LINEAR), labels with nearest.
+All geometry is decided per sample (on the DataLoader workers) and done by :mod:`densefuse.data.ops` in its
+``cv2`` resize style: images bilinear (``align_corners=False``, no antialiasing, uint8 fixed point like cv2's
+INTER_LINEAR), labels nearest, each crop gathered from the resized label without resizing all of it; random
+choices come from :class:`~densefuse.data.ops.Draw`. What is mmseg's alone lives here: the keep-ratio rule,
+the cat_max_ratio crop search, the photometric distortion on uint8 values.
 
 Test: ``Resize(scale, keep_ratio=True)`` of the image only; the label stays at its original size and the
 metric runs there (the prediction is resized to it, as mmseg's postprocess does).
@@ -25,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densefuse.data import IGNORE_INDEX, Augment, Normalize, PhotoMetricDistortion
+from densefuse.data.ops import Draw, hflip, pad, resize_tensor
 from densefuse.tasks import DenseKey
 
 #: The validity mask of padded training crops: moved with nearest resampling, padding is invalid.
@@ -46,67 +49,6 @@ def keep_ratio_size(h: int, w: int, scale: Sequence[float]) -> tuple[int, int]:
     new size ``int(x * f + 0.5)``. A 375x500 VOC image at (2048, 512) becomes 512x683 (f = 1.365)."""
     f = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(h * f + 0.5), int(w * f + 0.5)
-
-
-def _resized(image: Tensor, size: tuple[int, int], cache: Optional[dict] = None) -> Tensor:
-    """Bilinear resize of a (C,H,W) image; a uint8 result keeps channels-last strides (no copy back).
-
-    With ``cache`` (a dict), a uint8 result is written into a buffer kept there and reused by the next call
-    (a fresh multi-megabyte output costs more in page faults than the resize): copy what you keep of it."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    x = image[None]
-    if x.dtype != torch.uint8:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
-    x = x.contiguous(memory_format=torch.channels_last)
-    if cache is None:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
-    c, (h, w) = x.shape[1], (int(size[0]), int(size[1]))
-    flat = cache.get("resized")
-    if flat is None or flat.numel() < c * h * w:
-        flat = cache["resized"] = torch.empty(c * h * w, dtype=torch.uint8)
-    out = flat[: c * h * w].view(1, h, w, c).permute(0, 3, 1, 2)  # channels-last (1, C, h, w)
-    torch.ops.aten.upsample_bilinear2d.out(x, [h, w], False, None, None, out=out)
-    return out[0]
-
-
-def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (``align_corners=False``, no antialiasing: cv2's INTER_LINEAR) of a (C,H,W) image.
-    uint8 runs PyTorch's fixed-point channels-last kernel (like cv2, within 1 of the float result)."""
-    return _resized(image, size).contiguous()
-
-
-def nearest_index(in_len: int, out_len: int, start: int = 0, stop: Optional[int] = None) -> Tensor:
-    """Source indices of output positions ``start:stop`` of a nearest resize from ``in_len`` to ``out_len``:
-    ``min(floor(dst * (in / out)), in - 1)`` in float32, the arithmetic of PyTorch's (and cv2's) nearest."""
-    stop = out_len if stop is None else stop
-    if in_len == out_len:
-        return torch.arange(start, stop)
-    scale = torch.tensor(in_len, dtype=torch.float32) / torch.tensor(out_len, dtype=torch.float32)
-    idx = (torch.arange(start, stop, dtype=torch.float32) * scale).floor_().long()
-    return idx.clamp_(max=in_len - 1)
-
-
-def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest resize (``floor(dst * in / out)``, as cv2's INTER_NEAREST) of a (H,W) label: values are kept."""
-    return resize_crop_label(label, size, (0, int(size[0]), 0, int(size[1])))
-
-
-def resize_crop_image(image: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
-    """``resize_image(image, size)[..., y1:y2, x1:x2]``."""
-    y1, y2, x1, x2 = box
-    return _resized(image, size)[..., y1:y2, x1:x2].contiguous()
-
-
-def resize_crop_label(label: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
-    """``resize_label(label, size)[y1:y2, x1:x2]``, gathering only the crop: every value is an input value."""
-    y1, y2, x1, x2 = box
-    h, w = label.shape[-2:]
-    if (h, w) == tuple(size):
-        return label[..., y1:y2, x1:x2].contiguous()
-    rows = nearest_index(h, int(size[0]), y1, y2)
-    cols = nearest_index(w, int(size[1]), x1, x2)
-    return label.index_select(-2, rows).index_select(-1, cols)
 
 
 @dataclass
@@ -129,15 +71,6 @@ class Geometry:
         return (self.box[1] - self.box[0], self.box[3] - self.box[2]) != self.crop_size
 
 
-def _randint(hi: int, generator: Optional[torch.Generator]) -> int:
-    """Uniform integer in [0, hi]."""
-    return int(torch.randint(0, hi + 1, (1,), generator=generator))
-
-
-def _uniform(lo: float, hi: float, generator: Optional[torch.Generator]) -> float:
-    return float(torch.rand(1, generator=generator)) * (hi - lo) + lo
-
-
 def _dominated(label: Tensor, ignore_index: int, cat_max_ratio: float) -> bool:
     """mmseg's rejection test: fewer than two classes, or one class with >= cat_max_ratio of the non-ignored pixels."""
     counts = torch.bincount(label.reshape(-1), minlength=256)
@@ -145,10 +78,6 @@ def _dominated(label: Tensor, ignore_index: int, cat_max_ratio: float) -> bool:
         counts[ignore_index] = 0
     counts = counts[counts > 0]
     return counts.numel() <= 1 or float(counts.max()) / float(counts.sum()) >= cat_max_ratio
-
-
-def _coin(generator: Optional[torch.Generator]) -> bool:
-    return float(torch.rand(1, generator=generator)) < 0.5
 
 
 def _trunc(x: Tensor) -> Tensor:
@@ -170,27 +99,24 @@ def photometric_distortion(image: Tensor, generator: Optional[torch.Generator] =
     ``cache`` (a dict) keeps the float scratch buffers from one call to the next (the pipeline passes its own).
     """
     x = _buffer(cache, "x", image.shape).copy_(image)
-    g = generator
-
-    def uniform(lo: float, hi: float) -> float:
-        return _uniform(lo, hi, g)
+    draw = Draw(generator)
 
     def contrast(x: Tensor) -> Tensor:
-        return _trunc(x.mul_(uniform(*contrast_range))) if _coin(g) else x
+        return _trunc(x.mul_(draw.uniform(*contrast_range))) if draw.coin() else x
 
-    if _coin(g):
-        x = _trunc(x.add_(uniform(-brightness_delta, brightness_delta)))
-    contrast_first = _coin(g)
+    if draw.coin():
+        x = _trunc(x.add_(draw.uniform(-brightness_delta, brightness_delta)))
+    contrast_first = draw.coin()
     if contrast_first:
         x = contrast(x)
-    if _coin(g):
-        alpha = uniform(*saturation_range)
+    if draw.coin():
+        alpha = draw.uniform(*saturation_range)
         v, m = _channel_max_min(x, cache)
         k = torch.sub(v, m, out=_buffer(cache, "k", v.shape)).clamp_(min=1e-6)
         torch.div(v, k, out=k).clamp_(max=alpha)  # where V == min, V - x is 0 and k does not matter
         x = _trunc(x.sub_(v).mul_(k).add_(v))  # V - k (V - x)
-    if _coin(g):
-        shift = int(torch.randint(-hue_delta, hue_delta + 1, (1,), generator=g))
+    if draw.coin():
+        shift = draw.randint(-hue_delta, hue_delta)
         x = _trunc(hue_shift(x, shift / 30.0, cache).add_(1e-3))  # OpenCV hue units (2 degrees) -> sextants (60)
     if not contrast_first:
         x = contrast(x)
@@ -291,6 +217,7 @@ class SegTrainPipeline:
         self.max_tries = int(max_tries)
         self.pad_fill = tuple(int(v) for v in pad_fill)
         self.generator = generator
+        self.keys = {"label": DenseKey("nearest", float(self.ignore_index)), **VALID_KEY}
         self.photometric = bool(photometric)
         self._scratch: dict[str, Tensor] = {}  # photometric buffers, reused per process (not pickled)
 
@@ -302,14 +229,13 @@ class SegTrainPipeline:
         if self.ratio_range is None:
             target = self.scale
         else:
-            r = _uniform(*self.ratio_range, self.generator)
+            r = Draw(self.generator).uniform(*self.ratio_range)
             target = (int(self.scale[0] * r), int(self.scale[1] * r))
         return keep_ratio_size(h, w, target)
 
     def _box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         ch, cw = self.crop_size
-        y1 = _randint(max(size[0] - ch, 0), self.generator)
-        x1 = _randint(max(size[1] - cw, 0), self.generator)
+        y1, x1 = Draw(self.generator).crop_offset(size, self.crop_size)
         return y1, min(y1 + ch, size[0]), x1, min(x1 + cw, size[1])
 
     def draw(self, label: Tensor) -> Geometry:
@@ -325,47 +251,29 @@ class SegTrainPipeline:
         box = self._box(size)
         if self.cat_max_ratio < 1.0:
             for _ in range(self.max_tries):
-                crop = resize_crop_label(label, size, box)
+                crop = resize_tensor(label, size, "nearest", "cv2", box)
                 if not _dominated(crop, self.ignore_index, self.cat_max_ratio):
                     break
                 box = self._box(size)
                 crop = None
-        flip = float(torch.rand(1, generator=self.generator)) < self.flip_prob
+        flip = Draw(self.generator).coin(self.flip_prob)
         return Geometry(size, box, flip, self.crop_size, (h, w)), crop
 
     def apply(self, sample: Mapping[str, Any], geo: Geometry, label_crop: Optional[Tensor] = None) -> dict:
         """Apply a drawn :class:`Geometry` (and the photometric distortion, when enabled) to a sample.
         ``label_crop`` (the label's crop at ``geo``, from :meth:`draw`'s checks) saves gathering it again."""
-        out = dict(sample)
         # the crop is a view into the reused resize buffer until the photometric op or the padding copies it
-        image = _resized(sample["image"], geo.size, self._scratch)[..., geo.box[0]:geo.box[1], geo.box[2]:geo.box[3]]
-        label = label_crop
-        if label is None and "label" in sample:
-            label = resize_crop_label(sample["label"], geo.size, geo.box)
+        moved = {"image": resize_tensor(sample["image"], geo.size, "bilinear", "cv2", geo.box, self._scratch)}
+        if label_crop is not None:
+            moved["label"] = label_crop
+        elif "label" in sample:
+            moved["label"] = resize_tensor(sample["label"], geo.size, "nearest", "cv2", geo.box)
         if geo.flip:
-            image = image.flip(-1)
-            label = label.flip(-1) if label is not None else None
+            moved = hflip(moved, self.keys)
         if self.photometric:
-            image = photometric_distortion(image, self.generator, cache=self._scratch)
-        ch, cw = self.crop_size
-        h, w = image.shape[-2:]
-        valid = torch.zeros((1, ch, cw), dtype=torch.bool)
-        valid[:, :h, :w] = True
-        if (h, w) != (ch, cw):
-            padded = torch.empty((image.shape[0], ch, cw), dtype=image.dtype)
-            padded.copy_(torch.tensor(self.pad_fill, dtype=image.dtype).view(-1, 1, 1).expand_as(padded))
-            padded[:, :h, :w] = image
-            image = padded
-            if label is not None:
-                lab = torch.full((ch, cw), self.ignore_index, dtype=label.dtype)
-                lab[:h, :w] = label
-                label = lab
-        fresh = self.photometric or (h, w) != (ch, cw)  # else a view into the resize buffer or the input
-        out["image"] = image.contiguous() if fresh else image.clone(memory_format=torch.contiguous_format)
-        if label is not None:
-            out["label"] = label.contiguous()
-        out["valid"] = valid
-        return out
+            moved["image"] = photometric_distortion(moved["image"], self.generator, cache=self._scratch)
+        moved["valid"] = torch.ones((1, *moved["image"].shape[-2:]), dtype=torch.bool)
+        return {**sample, **pad(moved, self.crop_size, self.keys, self.pad_fill)}
 
     def __call__(self, sample: Mapping[str, Any]) -> dict:
         return self.apply(sample, *self._draw(sample["label"]))
@@ -394,7 +302,7 @@ class SegTestPipeline:
         if self.scale is not None:
             size = keep_ratio_size(h, w, self.scale)
             if size != (h, w):
-                out["image"] = resize_crop_image(image, size, (0, size[0], 0, size[1]))
+                out["image"] = resize_tensor(image, size, "bilinear", "cv2").contiguous()
         return out
 
     def __repr__(self) -> str:
