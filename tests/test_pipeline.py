@@ -158,17 +158,23 @@ def test_test_pipeline_resizes_the_image_only():
 
 
 def test_build_from_config_uses_the_dataset_scales():
-    cfg = {"data": {"type": "cityscapes", "crop_size": [512, 1024], "mean": [123.675, 116.28, 103.53],
-                    "augment": {"flip": True, "photometric": True}}}
-    train = build_train_pipeline(cfg, photometric=False)
+    from densefuse.config import from_dict
+
+    def cfg(**data):
+        return from_dict({"data": {"type": "cityscapes", "root": "cs", "crop_size": [512, 1024], "pipeline": "mmseg",
+                                   "augment": {"flip": True, "photometric": True}, **data},
+                          "model": {"num_classes": 19}})
+
+    train = build_train_pipeline(cfg(), photometric=False)
     assert train.scale == (2048, 1024) and train.cat_max_ratio == 0.75 and train.photometric is False
     assert train.pad_fill == (124, 116, 104)
-    assert build_test_pipeline(cfg).scale == (2048, 1024)
-    assert build_test_pipeline({"data": {**cfg["data"], "test_scale": []}}).scale is None
-    with pytest.raises(ConfigError, match="data.cat_max_ratio"):
-        build_train_pipeline({"data": {**cfg["data"], "cat_max_ratio": 0}})
-    with pytest.raises(ConfigError, match="data.test_scale"):
-        build_test_pipeline({"data": {**cfg["data"], "test_scale": [512]}})
+    assert build_test_pipeline(cfg()).scale == (2048, 1024)
+    assert build_test_pipeline(cfg(test_scale=[])).scale is None
+    # the values are checked once, when the config is loaded, never again by the builders
+    with pytest.raises(ConfigError, match="'data.cat_max_ratio' must be number > 0 <= 1, got int 0"):
+        cfg(cat_max_ratio=0)
+    with pytest.raises(ConfigError, match="data.test_scale must be"):
+        cfg(test_scale=[512])
 
 
 def test_hue_shift_equals_kornias_hsv_round_trip():
