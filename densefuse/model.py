@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import heads as _heads  # noqa: F401  (registers the built-in decoders and predictors)
-from .config.schema import Origin, plain, rule_from_default, type_name
+from .config.loader import from_dict
+from .config.schema import Origin, Section, plain, rule_from_default, type_name
 from .encoders import TimmEncoder
 from .errors import ConfigError, did_you_mean
 from .registry import HEADS, MODELS, PREDICTORS, arguments
@@ -216,11 +217,11 @@ def _head_choices(section: str, spec: Mapping[str, Any]) -> dict[str, tuple]:
 def build_encoder_decoder(cfg: Mapping[str, Any]) -> EncoderDecoder:
     """timm encoder + decoder + predictor (+ auxiliary decoder + predictor) from ``cfg.model``."""
     m = cfg["model"]
-    eq = m.get("equalizer") or {}
+    eq = m["equalizer"]
     enc = m["encoder"]
     encoder = TimmEncoder(enc["name"], enc["out_indices"], enc["output_stride"], enc["pretrained"],
                           **dict(enc["kwargs"] or {}))
-    common = {"align_corners": m["align_corners"], "eq_mode": eq.get("mode", "explicit"), "eq_eps": eq.get("eps", 1e-5)}
+    common = {"align_corners": m["align_corners"], "eq_mode": eq["mode"], "eq_eps": eq["eps"]}
     decoder, predictor = build_head(m["decode_head"], "model.decode_head", encoder.channels, m["num_classes"], common)
     aux = aux_predictor = None
     if m.get("auxiliary_head"):
@@ -233,5 +234,8 @@ MODELS.register_lazy("smp", "densefuse.smp:build_smp_model")
 
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """Build the model described by ``cfg.model`` with the builder ``model.type`` names."""
+    """Build the model described by ``cfg.model`` with the builder ``model.type`` names (a plain dict is
+    validated first, once, as a config file would be)."""
+    if not isinstance(cfg, Section):
+        cfg = from_dict(cfg)
     return MODELS.get(cfg["model"]["type"], key="model.type")(cfg)

@@ -29,13 +29,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..config.schema import build_section
-from ..config.sections import ParamwiseSection
-from ..errors import ConfigError
+from ..config.sections import OptimSection, ParamwiseSection, ScheduleSection
 
 _NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
-#: ``schedule.type`` values
-SCHEDULES = ("poly", "constant", "cosine")
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_decay: bool) -> list[dict]:
@@ -53,12 +50,6 @@ def param_groups(model: nn.Module, weight_decay: float, norm_decay: bool) -> lis
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def paramwise_active(paramwise: Optional[Mapping[str, Any]]) -> bool:
-    """Whether ``optim.paramwise`` sets any rule; the all-default section (what the config fills in) keeps
-    the plain ``norm_decay`` grouping."""
-    return any(v for k, v in (paramwise or {}).items() if v is not None)
 
 
 def convnext_stage_id(name: str, num_layers: int) -> int:
@@ -138,21 +129,17 @@ def paramwise_groups(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """``cfg`` is the ``optim`` section: type (adamw | sgd), lr, weight_decay, momentum, betas, norm_decay and
-    the optional ``paramwise`` rules (see the module docstring)."""
-    if paramwise_active(cfg.get("paramwise")):
+    the optional ``paramwise`` rules (see the module docstring). A plain mapping is checked once."""
+    cfg = build_section(OptimSection, cfg, "optim.")
+    if cfg.paramwise.active():
         groups = paramwise_groups(model, cfg)
         for g in groups:
             g.pop("names")
     else:
-        groups = param_groups(model, cfg["weight_decay"], cfg.get("norm_decay", True))
-    kind = cfg["type"].lower()
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                                 weight_decay=cfg["weight_decay"])
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9),
-                               weight_decay=cfg["weight_decay"])
-    raise ConfigError(f"unknown optim.type '{cfg['type']}' (use adamw or sgd)")
+        groups = param_groups(model, cfg.weight_decay, cfg.norm_decay)
+    if cfg.type.lower() == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(it: int, total: int, cfg: Mapping[str, Any], base_lr: float) -> float:
@@ -162,12 +149,10 @@ def lr_factor(it: int, total: int, cfg: Mapping[str, Any], base_lr: float) -> fl
     ``type: cosine`` is mmcv's ``CosineAnnealing`` as GEDepth runs it: the cosine runs over the whole
     run from iteration 0 (``min + (1 - min) (1 + cos(pi it / total)) / 2``, ``min = min_lr / base_lr``,
     GEDepth's ``min_lr_ratio``) and the linear warmup scales it, so at the end of warmup the lr is
-    already the cosine's value there, not the base lr."""
-    warm = int(cfg.get("warmup_iters", 0))
-    kind = cfg.get("type", "poly")
-    if kind not in SCHEDULES:
-        raise ConfigError(f"unknown schedule.type '{kind}' (use {', '.join(SCHEDULES)})")
-    min_factor = cfg.get("min_lr", 0.0) / base_lr if base_lr > 0 else 0.0
+    already the cosine's value there, not the base lr. A plain mapping ``cfg`` is checked once."""
+    cfg = build_section(ScheduleSection, cfg, "schedule.")
+    warm, kind = cfg.warmup_iters, cfg.type
+    min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
     if kind == "constant":
         factor = 1.0
     elif kind == "cosine":
@@ -176,9 +161,9 @@ def lr_factor(it: int, total: int, cfg: Mapping[str, Any], base_lr: float) -> fl
     else:
         t = min(max(it - warm, 0), max(total - warm, 1))
         span = max(total - warm, 1)
-        factor = min_factor + (1 - min_factor) * (1 - t / span) ** cfg.get("power", 1.0)
+        factor = min_factor + (1 - min_factor) * (1 - t / span) ** cfg.power
     if it < warm:
-        ratio = cfg.get("warmup_ratio", 1e-6)
+        ratio = cfg.warmup_ratio
         factor *= ratio + (1 - ratio) * it / warm
     return factor
 
@@ -189,4 +174,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], to
     ``min_lr`` is relative to ``base_lr`` (the config's ``optim.lr``; default: the largest group lr)."""
     if base_lr is None:
         base_lr = max(g["lr"] for g in optimizer.param_groups)
+    cfg = build_section(ScheduleSection, cfg, "schedule.")
     return LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg, base_lr))

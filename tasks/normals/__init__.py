@@ -121,10 +121,10 @@ class NormalsTask(Task):
             return norm
         aug = data.get("augment") or {}
         ops: list = []
-        scale = aug.get("scale_range", (0.5, 2.0))
+        scale = aug["scale_range"]
         if scale is not None and tuple(float(s) for s in scale) != (1.0, 1.0):
             ops.append(RandomScaleCrop(data["crop_size"], scale, self.dense_keys, image_fill=data["mean"]))
-        if bool(aug.get("flip", True)):
+        if aug["flip"]:
             ops.append(RandomNormalFlip(0.5, self.dense_keys))
         return Augment(ops, norm)
 
