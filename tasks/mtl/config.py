@@ -1,0 +1,154 @@
+"""The ``mtl`` config section, declared in one place: its keys with their defaults, their value rules, and the
+checks the rules cannot make (sub-task names, one head per sub-task, the dataset's labels, the sub-tasks' own
+sections). The composite task reads the section only through :func:`mtl_section`.
+
+``mtl`` holds its sub-tasks' settings because a run config has one task section: ``mtl.heads.<task>`` is that
+task's decoder and predictor (the keys of ``model.decode_head``), ``mtl.sections.<task>`` its own section
+(e.g. ``mtl.sections.depth.max_depth``), checked against the sub-task's declared keys and rules.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Optional
+
+from densefuse.config import Rule, check_kwargs
+from densefuse.errors import ConfigError, did_you_mean
+
+from .weighting import WEIGHTINGS
+
+#: the tasks a multi-task model can combine (those the joint datasets hold labels for)
+SUBTASKS = ("seg", "depth", "normals")
+#: ``mtl.heads.<task>.predictor`` when a head names none
+DEFAULT_PREDICTORS = {"seg": "cls_seg", "depth": "depth", "normals": "normals"}
+#: ``data.type`` -> the tasks it has labels for, and its accepted ``data.kwargs``
+DATASET_TASKS = {"synthetic": SUBTASKS, "nyuv2": SUBTASKS, "cityscapes": ("seg", "depth")}
+DATASET_KWARGS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("num_train", "num_val", "size", "seed", "focal", "drop"),
+    "nyuv2": ("size", "partial_labels"),
+    "cityscapes": ("partial_labels",),
+}
+#: segmentation classes of each dataset (``model.num_classes`` must match when ``seg`` is a sub-task)
+DATASET_CLASSES = {"synthetic": 3, "nyuv2": 13, "cityscapes": 19}
+
+#: defaults of the ``mtl`` section (``Task.config_section``)
+MTL_SECTION: dict[str, Any] = {
+    "tasks": ["seg", "depth", "normals"],
+    "heads": None,  # {task: {type, predictor, <head args>}}: one for every task of mtl.tasks
+    "weighting": "equal",  # equal | fixed | uncertainty | dwa (tasks/mtl/weighting.py)
+    "weights": None,  # fixed: {task: w >= 0} for every task
+    "uncertainty_kinds": None,  # uncertainty: {task: regression | classification} (null: exp(-s) L + s for all)
+    "dwa_temperature": 2.0,
+    "dwa_interval": 100,  # DWA: training steps per interval (mtan: one epoch)
+    "sections": None,  # {task: that task's own section}, e.g. {depth: {max_depth: 10.0}}
+}
+#: value rules of the ``mtl`` section (``Task.config_rules``)
+MTL_RULES: dict[str, Rule] = {
+    "tasks": Rule("list", item=Rule("name")),
+    "heads": Rule("mapping", nullable=True),
+    "weighting": Rule("str", choices=WEIGHTINGS),
+    "weights": Rule("mapping", nullable=True),
+    "uncertainty_kinds": Rule("mapping", nullable=True),
+    "dwa_temperature": Rule("number", gt=0),
+    "dwa_interval": Rule("int", min=1),
+    "sections": Rule("mapping", nullable=True),
+}
+
+
+def mtl_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``mtl`` section of ``cfg`` over its defaults (a copy)."""
+    return {**copy.deepcopy(MTL_SECTION), **dict(cfg.get("mtl") or {})}
+
+
+def check_subtasks(tasks: Any) -> list[str]:
+    """``mtl.tasks`` as a list of known, distinct task names; else a ConfigError with a did-you-mean hint."""
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ConfigError(f"mtl.tasks must be a non-empty list of tasks out of {', '.join(SUBTASKS)}, got {tasks!r}")
+    out = [str(t) for t in tasks]
+    for t in out:
+        if t not in SUBTASKS:
+            raise ConfigError(f"mtl.tasks names unknown task '{t}'{did_you_mean(t, SUBTASKS)}; "
+                              f"a multi-task model combines: {', '.join(SUBTASKS)}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"mtl.tasks names a task twice: {out}")
+    return out
+
+
+def head_spec(section: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """``mtl.heads.<task>`` with its default predictor filled in; a missing head is a ConfigError."""
+    heads = section.get("heads") or {}
+    spec = heads.get(task)
+    if not isinstance(spec, Mapping) or not spec.get("type"):
+        have = ", ".join(str(k) for k in heads) or "none"
+        raise ConfigError(f"mtl.heads has no head for task '{task}': add mtl.heads.{task} with a type, e.g. "
+                          f"{{type: hrnet, channels: 64}} (heads given: {have})")
+    return {"predictor": DEFAULT_PREDICTORS[task], **dict(spec)}
+
+
+def subtask_section(section: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """The sub-task's own section: its declared defaults overlaid with ``mtl.sections.<task>``, keys and values
+    checked against what the sub-task declares (``config_section``, ``config_rules``)."""
+    from densefuse.tasks import task_class
+
+    cls = task_class(task)
+    given = dict((section.get("sections") or {}).get(task) or {})
+    check_kwargs(f"mtl.sections.{task}", given, list(cls.config_section), owner=f"task '{task}'")
+    rules = getattr(cls, "config_rules", None) or {}
+    for key, value in given.items():
+        rule = rules.get(key)
+        if rule is not None and not rule.ok(value):
+            raise ConfigError(f"'mtl.sections.{task}.{key}' must be {rule.describe()}, got {value!r}")
+    return {**copy.deepcopy(dict(cls.config_section)), **given}
+
+
+def validate_mtl(cfg: Mapping[str, Any]) -> list[str]:
+    """Every check of the ``mtl`` section and of what it needs from the rest of the config, before any work;
+    returns the sub-task list."""
+    from densefuse.model import head_arguments
+
+    section = mtl_section(cfg)
+    tasks = check_subtasks(section["tasks"])
+    for key in ("heads", "sections", "weights", "uncertainty_kinds"):
+        for name in section.get(key) or {}:
+            if name not in tasks:
+                raise ConfigError(f"mtl.{key} names '{name}', which is not in mtl.tasks"
+                                  f"{did_you_mean(str(name), tasks)}; tasks: {', '.join(tasks)}")
+    for t in tasks:
+        spec = head_spec(section, t)
+        where = f"mtl.heads.{t}"
+        try:
+            accepted = head_arguments(where, spec)
+        except ConfigError as e:
+            raise ConfigError(str(e)) from None
+        check_kwargs(where, spec, accepted, owner=f"{where}.type '{spec['type']}'")
+        subtask_section(section, t)
+    weighting_from(section, tasks)  # its own checks: fixed weights for every task, uncertainty kinds, DWA
+    model, data = cfg["model"], cfg["data"]
+    if model.get("type") != "mtl":
+        raise ConfigError(f"model.type must be 'mtl' for the mtl task (one encoder, a head per task in "
+                          f"mtl.heads), got {model.get('type')!r}")
+    for key in ("auxiliary_head", "neck", "init"):
+        if model.get(key) is not None:
+            raise ConfigError(f"model.{key} is not read by the mtl task: remove it or set model.{key}=null")
+    kind = data["type"]
+    if kind not in DATASET_TASKS:
+        raise ConfigError(f"unknown data.type '{kind}' for the mtl task{did_you_mean(str(kind), DATASET_TASKS)}; "
+                          f"available: {', '.join(DATASET_TASKS)}")
+    check_kwargs("data.kwargs", dict(data.get("kwargs") or {}), DATASET_KWARGS[kind], owner=f"data.type '{kind}'")
+    for t in tasks:
+        if t not in DATASET_TASKS[kind]:
+            raise ConfigError(f"data.type '{kind}' has no '{t}' labels (it has: {', '.join(DATASET_TASKS[kind])}); "
+                              f"remove '{t}' from mtl.tasks")
+    if kind != "synthetic" and not data.get("root"):
+        raise ConfigError(f"data.root must be set for data.type '{kind}'")
+    if "seg" in tasks and int(model["num_classes"]) != DATASET_CLASSES[kind]:
+        raise ConfigError(f"model.num_classes is {model['num_classes']}, but data.type '{kind}' has "
+                          f"{DATASET_CLASSES[kind]} segmentation classes")
+    return tasks
+
+
+def weighting_from(section: Mapping[str, Any], tasks: Optional[list[str]] = None) -> Any:
+    """The loss weighting the section describes (``tasks`` default: ``mtl.tasks``)."""
+    from .weighting import build_weighting
+
+    return build_weighting(section["weighting"], tasks or list(section["tasks"]), section["weights"],
+                           section["uncertainty_kinds"], section["dwa_temperature"], section["dwa_interval"])
