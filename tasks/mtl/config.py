@@ -108,10 +108,10 @@ def validate_mtl(cfg: Mapping[str, Any]) -> list[str]:
     section = mtl_section(cfg)
     tasks = check_subtasks(section["tasks"])
     for key in ("heads", "sections", "weights", "uncertainty_kinds"):
-        for name in section.get(key) or {}:
-            if name not in tasks:
-                raise ConfigError(f"mtl.{key} names '{name}', which is not in mtl.tasks"
-                                  f"{did_you_mean(str(name), tasks)}; tasks: {', '.join(tasks)}")
+        for name in section.get(key) or {}:  # entries of tasks left out of mtl.tasks are unused, not wrong
+            if name not in SUBTASKS:
+                raise ConfigError(f"mtl.{key} names unknown task '{name}'{did_you_mean(str(name), SUBTASKS)}; "
+                                  f"a multi-task model combines: {', '.join(SUBTASKS)}")
     for t in tasks:
         spec = head_spec(section, t)
         where = f"mtl.heads.{t}"
@@ -150,5 +150,11 @@ def weighting_from(section: Mapping[str, Any], tasks: Optional[list[str]] = None
     """The loss weighting the section describes (``tasks`` default: ``mtl.tasks``)."""
     from .weighting import build_weighting
 
-    return build_weighting(section["weighting"], tasks or list(section["tasks"]), section["weights"],
-                           section["uncertainty_kinds"], section["dwa_temperature"], section["dwa_interval"])
+    tasks = tasks or list(section["tasks"])
+
+    def own(key: str) -> Optional[dict]:  # the entries of the tasks trained (others are unused)
+        given = section.get(key)
+        return None if given is None else {t: v for t, v in given.items() if t in tasks}
+
+    return build_weighting(section["weighting"], tasks, own("weights"), own("uncertainty_kinds"),
+                           section["dwa_temperature"], section["dwa_interval"])

@@ -311,14 +311,16 @@ class MTLTask(Task):
     # ------------------------------------------------------------------ densefuse compare
     def compare_members(self, cfg: Config) -> list[Config]:
         """What ``densefuse compare`` trains for this config: the multi-task model and, for each sub-task, its
-        single-task baseline (the same config with ``mtl.tasks: [<task>]``: same encoder, head, data, seeds),
-        named ``<name>-single_<task>``."""
+        single-task baseline (the same config with ``mtl.tasks: [<task>]``: same encoder, head, data, seeds;
+        its plain loss, ``mtl.weighting: equal``, as the multi-task papers' single-task baselines), named
+        ``<name>-single_<task>``."""
         members = [cfg]
         for t in self.tasks:
             single = copy.deepcopy(cfg)
-            single["mtl"]["tasks"] = [t]
             section = single["mtl"]
-            for key in ("heads", "sections", "weights", "uncertainty_kinds"):
+            section["tasks"], section["weighting"] = [t], "equal"
+            section["weights"] = section["uncertainty_kinds"] = None
+            for key in ("heads", "sections"):
                 if section.get(key):
                     section[key] = {k: v for k, v in section[key].items() if k == t} or None
             single["name"] = f"{cfg['name']}-single_{t}"
