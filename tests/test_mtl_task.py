@@ -289,3 +289,15 @@ def test_a_dataset_without_the_labels_of_a_configured_task_is_one_line(tmp_path)
         *TINY, *nyu, "mtl.tasks=[seg, depth]", "data.crop_size=[8, 12]"]))
     data = task.build_dataset(task.cfg, "train")
     assert len(data) == 2 and set(data[0]) >= {"image", "label", "depth", "has_seg", "has_depth"}
+
+
+@pytest.mark.parametrize("name", ["mtl/synthetic_hrnet_r18", "mtl/deeplabv3_r50-d8_1xb8-20k_nyuv2-288x384",
+                                  "mtl/deeplabv3_r50-d8_1xb8-40k_cityscapes-512x1024"])
+def test_shipped_mtl_configs_load_and_build(name):
+    from densefuse.cli import build_on_meta
+
+    cfg = densefuse.load_config(name)
+    build_on_meta(cfg)  # the model, optimizer and schedule of the full-size recipe, on the meta device
+    tasks = list(cfg["mtl"]["tasks"])
+    assert set(cfg["mtl"]["heads"]) == set(tasks)
+    assert MTLTask(cfg).primary_metric == {"seg": "seg/mIoU"}[tasks[0]]
