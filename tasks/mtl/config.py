@@ -129,6 +129,9 @@ def validate_mtl(cfg: Mapping[str, Any]) -> list[str]:
     for key in ("auxiliary_head", "neck", "init"):
         if model.get(key) is not None:
             raise ConfigError(f"model.{key} is not read by the mtl task: remove it or set model.{key}=null")
+    if data.get("pipeline", "batch") != "batch" or (data.get("augment") or {}).get("photometric"):
+        raise ConfigError("the mtl task augments with data.pipeline 'batch' and without data.augment.photometric "
+                          "(scale-crop and flip only); set data.pipeline=batch and data.augment.photometric=false")
     kind = data["type"]
     if kind not in DATASET_TASKS:
         raise ConfigError(f"unknown data.type '{kind}' for the mtl task{did_you_mean(str(kind), DATASET_TASKS)}; "
