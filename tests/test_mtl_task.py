@@ -120,6 +120,7 @@ class _Cut(Exception):
     pass
 
 
+@pytest.mark.slow  # three short training runs
 def test_resume_of_an_uncertainty_weighted_run_is_exact(tmp_path, monkeypatch):
     cfg = tiny_cfg("mtl.weighting=uncertainty", "train.iters=6")
     ref = tmp_path / "ref"
