@@ -335,7 +335,7 @@ def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[
                 work_dir: Optional[str], metrics: Optional[str], keep_checkpoints: bool, progress: Optional[bool]) -> None:
     """The paper's comparison: each config with and without scale EQ over several seeds, one table.
     Re-running with the same --work-dir reuses finished runs (add seeds or configs to extend it)."""
-    from .engine.compare import compare, format_summary
+    from .engine.compare import compare, format_summary, members, task_tables
 
     mode_list, seed_list = _csv_list(modes, str, "--modes"), _csv_list(seeds, int, "--seeds")
     metric_list = metrics if metrics in (None, "all") else _csv_list(metrics, str, "--metrics")
@@ -349,6 +349,10 @@ def compare_cmd(task: Optional[str], configs: tuple[str, ...], overrides: tuple[
     click.echo(markdown_table(runs))
     click.echo()
     click.echo(format_summary(summary))
+    for name, table in task_tables(runs, members(cfgs)).items():  # a task's own tables (mtl: Δm)
+        click.echo()
+        click.echo(f"{name}:")
+        click.echo(markdown_table(table))
 
 
 @main.command("export")

@@ -80,8 +80,9 @@ class Task(ABC):
     #: the schema of this task's configs: :class:`~densefuse.config.sections.CoreConfig` or a subclass adding the
     #: task's own section (``cfg.<task name>``) and the keys it reads in core sections (``tasks/seg/config.py``)
     config_class: type[CoreConfig] = CoreConfig
-    #: summary metrics of the task's rows in ``densefuse compare`` tables; empty: the primary metric alone
-    table_metrics: Sequence[str] = ()
+    #: summary metrics of the task's rows in ``densefuse compare`` tables; empty: the primary metric alone;
+    #: ``"all"``: every summary metric (a task whose metric names depend on its config, e.g. mtl's)
+    table_metrics: Union[Sequence[str], str] = ()
     #: whether :meth:`predict_sample` reads ``densefuse predict --calib`` (refused for other tasks)
     predict_calib: bool = False
 
@@ -136,6 +137,16 @@ class Task(ABC):
     @abstractmethod
     def predict(self, outputs: Any) -> Tensor:
         """Turn model outputs into predictions (class map, depth map)."""
+
+    def compare_members(self, cfg: Any) -> list[Any]:
+        """The configs ``densefuse compare`` trains for ``cfg`` (each under every mode and seed): ``cfg`` itself;
+        a composite task adds its baselines (mtl: one single-task config per sub-task)."""
+        return [cfg]
+
+    def compare_tables(self, runs: Any, configs: Sequence[Any]) -> dict[str, Any]:
+        """Extra tables of ``densefuse compare`` (name -> DataFrame) over ``runs`` (one row per run and metric)
+        of this task's ``configs``: none by default; mtl adds its delta-m tables."""
+        return {}
 
     def visualize(self, batch: Mapping[str, Tensor], prediction: Tensor) -> Tensor:
         """(B,3,kH,W) uint8 pictures of the predictions for the work dir: k >= 1 rows of the input's width

@@ -82,6 +82,18 @@ def fold_mismatch(explicit, folded, x, margins=None):
     return out
 
 
+def declared_tasks() -> list[str]:
+    """The task names setup.cfg declares under ``densefuse.tasks``."""
+    import configparser
+
+    from densefuse.tasks import ENTRY_POINT_GROUP
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    lines = cfg["options.entry_points"].get(ENTRY_POINT_GROUP, "").strip().splitlines()
+    return [line.partition("=")[0].strip() for line in lines if line.strip()]
+
+
 def _register_declared_tasks():
     """Register the tasks setup.cfg declares under ``densefuse.tasks`` that the installed metadata lacks (an
     editable install made before the entry point was added), so the CLI tests and doc runs find them. A

@@ -17,7 +17,7 @@ HEADS = {"upernet": "uper", "pspnet": "psp", "deeplabv3": "aspp", "deeplabv3plus
          "gedepth": "densedepth", "hrnet": "hrnet"}
 #: dataset names in file names -> data.type
 DATASETS = {"ade20k": "ade20k", "voc12aug": "voc", "cityscapes": "cityscapes", "kitti": "kitti",
-            "synthetic": "synthetic"}
+            "synthetic": "synthetic", "nyuv2": "nyuv2"}
 SIZES = {"t": "tiny", "s": "small", "b": "base", "l": "large"}
 
 
@@ -90,6 +90,10 @@ def test_the_name_says_what_the_config_runs(path):
     stem, _ = _name_form(path.stem)
     want = _promises(stem)
     head = cfg["model"]["decode_head"]["type"] if cfg["model"]["type"] != "smp" else "uper"
+    if cfg["model"]["type"] == "mtl":  # one head per task: the name gives their (common) type
+        types = {spec["type"] for spec in cfg["mtl"]["heads"].values()}
+        assert len(types) == 1, (path.name, types)
+        head = types.pop()
     if cfg["model"]["type"] == "smp":
         assert cfg["model"]["smp"]["arch"].lower() == "upernet"
         encoder = cfg["model"]["smp"]["encoder_name"]

@@ -82,8 +82,12 @@ def test_garg_crop_on_kitti_size():
 
 def test_update_with_outputs_and_batch_as_the_trainer_calls_it():
     pred, gt = random_maps(2, 16, 16, seed=2)
-    task = DepthTask({"depth": {"eval_crop": None}, "data": {"type": "synthetic"}})
-    m = task.metric({"depth": {"eval_crop": None}})
+    from densefuse.config import from_dict
+
+    cfg = from_dict({"task": "depth", "model": {"type": "gedepth", "decode_head": {"type": "densedepth"}},
+                     "depth": {"eval_crop": "none"}})
+    task = DepthTask(cfg)
+    m = task.metric(cfg)
     m.update({"out": torch.from_numpy(pred)[:, None]}, {"depth": torch.from_numpy(gt)[:, None]})
     want = numpy_dataset(pred, gt)
     assert m.compute()["abs_rel"] == pytest.approx(want["abs_rel"], rel=1e-6)

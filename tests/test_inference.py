@@ -47,7 +47,7 @@ def test_window_sums_divided_by_coverage():
         return {"out": torch.ones_like(batch["image"][:, :1])}
 
     out = infer(ones, nn.Identity(), {"image": torch.zeros(1, 3, 30, 30)},
-                {"mode": "slide", "crop_size": 20, "stride": 10})["out"]
+                {"mode": "slide", "crop_size": [20, 20], "stride": [10, 10]})["out"]
     assert torch.equal(out, torch.ones(1, 1, 30, 30))
 
 
@@ -97,11 +97,12 @@ def test_multi_scale_flip_tta_runs_twelve_views_and_merges_at_input_size():
 
 
 @pytest.mark.parametrize("cfg, match", [
-    ({"mode": "sliding"}, "eval.mode must be"),
+    ({"mode": "sliding"}, "'eval.mode' must be one of whole, slide, got str 'sliding'"),
     ({"mode": "slide"}, "needs eval.crop_size and eval.stride"),
-    ({"mode": "slide", "crop_size": 16, "stride": 32}, "would skip pixels"),
+    ({"mode": "slide", "crop_size": [16, 16], "stride": [32, 32]}, "would skip pixels"),
+    ({"mode": "slide", "crop_size": 16, "stride": 8}, "'eval.crop_size' must be a list of 2 ints >= 1 or null"),
     ({"tta": {"scale": [1.0]}}, "unknown config key 'eval.tta.scale'"),
-    ({"tta": {"scales": [0, 1]}}, "positive ratios"),
+    ({"tta": {"scales": [0, 1]}}, r"'eval.tta.scales' must be a list of numbers > 0 or null, got list \[0, 1\]"),
 ])
 def test_bad_eval_config(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -77,7 +77,7 @@ def fails(user_dir, args, *fragments, ignore=()):
     pytest.param(["train", "--set", "nonexistent.key=1"], ["no config key 'nonexistent'"], id="set-missing-key"),
     pytest.param(["train", "--set", "train.iters=abc"], ["'train.iters' must be int", "'abc'"], id="wrong-type"),
     pytest.param(["train", "--task", "segg"], ["unknown task 'segg' (did you mean 'seg'?)"], id="unknown-task"),
-    pytest.param(["train", "--set", "task=true"], ["unknown task 'True'", "available: depth, normals, seg"], id="task-not-a-name"),
+    pytest.param(["train", "--set", "task=true"], ["unknown task 'True'", "available: depth, mtl, normals, seg"], id="task-not-a-name"),
     pytest.param(["train", "--config", "missing.yaml"], ["config file not found: missing.yaml"], id="missing-config"),
     pytest.param(["eval", "--checkpoint", "missing.pth"], ["checkpoint not found: missing.pth"], id="missing-checkpoint"),
     pytest.param(["compare", "--modes", "off,bogus"], ["unknown equalizer mode(s) bogus"], id="unknown-compare-mode"),

@@ -248,6 +248,14 @@ class Section(MutableMapping):
         return out
 
     @classmethod
+    def section_class(cls, name: str) -> Optional[type["Section"]]:
+        """The class of the nested section ``name`` (None when ``name`` is not a section of ``cls``)."""
+        for f in cls.fields():
+            if f.name == name:
+                return f.metadata.get("section")
+        return None
+
+    @classmethod
     def build(cls, data: Mapping[str, Any]) -> "Section":
         """An instance from a checked tree ``data`` (missing keys take their defaults; open mappings get
         attribute access). Does not check: :func:`check_tree` does, before."""

@@ -13,6 +13,11 @@ The summary follows the paper's tables: one row per config and metric, columns `
 ``w/ EQ`` as mean ± std over seeds, and the difference of the means. The metrics are the task's:
 its ``table_metrics`` (default: the primary metric alone; Tables 2/3: mIoU); ``"all"``
 takes every metric of the task's summary (depth's Table 5: the nine metrics in the metric's order).
+
+Two optional task hooks let a task compare more than its own config (the core knows no task): a task's
+``compare_members(cfg)`` returns every config to train for ``cfg`` (e.g. a multi-task model and its
+single-task baselines), and ``compare_tables(runs, configs)`` returns extra named tables computed from the
+finished runs (e.g. Δm), written as ``<name>.csv`` next to ``summary.csv``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from ..config.schema import plain
 from ..config.sections import CoreConfig
 from ..equalizer import MODES
 from ..errors import ConfigError
-from ..tasks import Task, task_class
+from ..tasks import Task, get_task, task_class
 from .runtime import default_work_dir
 
 #: The paper's number of seeds per setting.
@@ -126,10 +131,10 @@ def compare(
     """
     from . import Trainer  # the trainer pulls in the data stack; only needed to train
 
-    configs = list(configs)
-    _check_inputs(configs, modes, seeds)
     for cfg in configs:
         task_class(cfg["task"])  # an unknown task fails before anything trains
+    configs = members(configs)
+    _check_inputs(configs, modes, seeds)
     if root is None:
         root = default_work_dir(configs[0], "{name}_compare" if len(configs) == 1 else "compare")
     root = Path(root)
@@ -164,7 +169,27 @@ def compare(
     root.mkdir(parents=True, exist_ok=True)
     runs.to_csv(root / "runs.csv", index=False)
     summary.to_csv(root / "summary.csv", index=False)
+    for name, table in task_tables(runs, configs).items():
+        table.to_csv(root / f"{name}.csv", index=False)
     return runs, summary
+
+
+def members(configs: Sequence[CoreConfig]) -> list[CoreConfig]:
+    """Every config to train: each given one, or what its task's ``compare_members`` hook returns for it."""
+    out: list[CoreConfig] = []
+    for cfg in configs:
+        out += list(get_task(cfg["task"], cfg).compare_members(cfg))
+    return out
+
+
+def task_tables(runs: pd.DataFrame, configs: Sequence[CoreConfig]) -> dict[str, pd.DataFrame]:
+    """The extra tables of each task (``Task.compare_tables``, e.g. mtl's delta-m), over the runs of its configs
+    (``configs`` as :func:`members` returns them)."""
+    out: dict[str, pd.DataFrame] = {}
+    for name in dict.fromkeys(str(c["task"]) for c in configs):
+        own = [c for c in configs if str(c["task"]) == name]
+        out.update(get_task(name, own[0]).compare_tables(runs, own))
+    return out
 
 
 def _train(trainer_cls: Any, run_cfg: CoreConfig, cfg_root: Path, run_dir: Path, keep_checkpoints: bool,
@@ -190,9 +215,9 @@ BOOKKEEPING = ("config", "mode", "seed", "reused")
 
 def table_metrics(task: type[Task], recorded: Sequence[str], metrics: Optional[Sequence[str] | str] = None) -> list[str]:
     """The metrics of a task's comparison table: ``metrics`` as given; ``"all"`` = every recorded metric
-    of the task's summary, in its order; ``None`` = the task's ``table_metrics`` (empty:
-    its primary metric alone)."""
-    if metrics == "all":
+    of the task's summary, in its order; ``None`` = the task's ``table_metrics`` when it declares them
+    (``"all"`` as above: a task whose metrics depend on its config), else its primary metric."""
+    if metrics == "all" or (metrics is None and task.table_metrics == "all"):
         return [c for c in recorded if c not in BOOKKEEPING]
     if metrics is not None:
         return [metrics] if isinstance(metrics, str) else list(metrics)
