@@ -295,7 +295,7 @@ def test_a_dataset_without_the_labels_of_a_configured_task_is_one_line(tmp_path)
 @pytest.mark.parametrize("name", ["mtl/synthetic_hrnet_r18", "mtl/deeplabv3_r50-d8_1xb8-20k_nyuv2-288x384",
                                   "mtl/deeplabv3_r50-d8_1xb8-40k_cityscapes-512x1024"])
 def test_shipped_mtl_configs_load_and_build(name):
-    from densefuse.cli import build_on_meta
+    from densefuse.engine.configs import build_on_meta
 
     cfg = densefuse.load_config(name)
     build_on_meta(cfg)  # the model, optimizer and schedule of the full-size recipe, on the meta device
