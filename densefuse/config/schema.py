@@ -385,5 +385,5 @@ def keys_table(cls: type[Section], skip: Optional[type[Section]] = None) -> str:
             continue
         text = yaml.safe_dump(plain(default), default_flow_style=True, width=1000).strip()
         text = text[:-4].strip() if text.endswith("\n...") else text
-        rows.append(f"| `{key}` | `{text}` | {doc} |")
+        rows.append(f"| `{key}` | `{text}` | {doc.replace('|', chr(92) + '|')} |")  # a pipe would end the cell
     return "\n".join(rows) + "\n"
