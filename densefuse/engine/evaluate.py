@@ -90,5 +90,6 @@ def evaluate(
 
 
 def summary_only(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The flat summary metrics (per-class ``"<name>.<class>"`` keys left out)."""
-    return {k: float(v) for k, v in metrics.items() if "." not in k}
+    """The summary as floats, every name kept (``within_11.25`` holds a dot: per-class detail is in the
+    tables, never in the summary, since ``Metric.tables`` is part of the protocol)."""
+    return {k: float(v) for k, v in metrics.items()}
