@@ -38,7 +38,7 @@ def test_adamw_and_unknown_optimizer():
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, {"type": "adamw", "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]})
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.99)
-    with pytest.raises(DensefuseError, match="unknown optim.type 'adam'"):
+    with pytest.raises(DensefuseError, match="'optim.type' must be one of adamw, sgd, got str 'adam'"):
         build_optimizer(model, {"type": "adam", "lr": 1e-3, "weight_decay": 0.0})
 
 
