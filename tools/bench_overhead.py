@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -40,7 +39,7 @@ from densefuse.engine.trainer import calibration_batches
 from densefuse.tasks import get_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average  # noqa: E402
+from _common import load_average, paired_ci  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "seg" / "synthetic_upernet_r18.yaml"
 
@@ -56,26 +55,6 @@ def _median_gap(stamps: list[Stamp], skip: int) -> tuple[float, float]:
     wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][skip:]
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][skip:]
     return statistics.median(wall), statistics.median(cpu)
-
-
-def paired_ci(ratios: np.ndarray, level: float = 0.95, boot: int = 10000, seed: int = 0) -> dict[str, float]:
-    """Geometric mean of per-round ratios with a Student-t interval on their logs and a percentile
-    bootstrap interval of the same statistic (the two agree when the rounds are well behaved)."""
-    from scipy import stats
-
-    logs = np.log(np.asarray(ratios, dtype=float))
-    n = len(logs)
-    mean = float(logs.mean())
-    if n < 2:
-        return {"ratio": float(np.exp(mean)), "t_lo": float("nan"), "t_hi": float("nan"), "boot_lo": float("nan"),
-                "boot_hi": float("nan"), "half_width_pct": float("nan"), "rounds": n}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * logs.std(ddof=1) / np.sqrt(n))
-    rng = np.random.default_rng(seed)
-    means = logs[rng.integers(0, n, (boot, n))].mean(1)
-    lo_b, hi_b = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"ratio": float(np.exp(mean)), "t_lo": float(np.exp(mean - half)), "t_hi": float(np.exp(mean + half)),
-            "boot_lo": float(np.exp(lo_b)), "boot_hi": float(np.exp(hi_b)),
-            "half_width_pct": float((np.exp(half) - 1) * 100), "rounds": n}
 
 
 def bare(cfg: densefuse.Config, iters: int, skip: int, source: str) -> tuple[float, float]:

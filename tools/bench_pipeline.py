@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import pandas as pd
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import load_average, paired_ci
+
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp) / "ADEChallengeData2016"
         if args.root is None:
@@ -135,14 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     summary = df.groupby("pipeline", sort=False).agg(img_per_s=("img_per_s", "median"),
                                                       ms_per_img=("seconds", "median"), images=("images", "first"))
     summary["ms_per_img"] = summary["ms_per_img"] / summary["images"] * 1000
+    paired = None
     if args.mmseg_python:
         base = summary.loc["mmseg 1.2.2 (same transforms)", "img_per_s"]
         summary["vs_mmseg"] = summary["img_per_s"] / base
+        # per round: densefuse img/s / mmseg img/s of the same round (seconds apart), geometric mean + 95 % t
+        wide = df.pivot(index="round", columns="pipeline", values="img_per_s")
+        paired = pd.DataFrame([{"pipeline": name, **paired_ci((wide[name] / wide["mmseg 1.2.2 (same transforms)"]).to_numpy())}
+                               for name in sides if not name.startswith("mmseg")])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     print(f"# CPU pipeline, 1 process, 1 thread, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{os.cpu_count()} cores, load average before {load_before}, after {load_average()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(summary.round(3).to_markdown())
+    if paired is not None:
+        print("\nPer-round ratios to mmseg (geometric mean, 95 % t and bootstrap intervals):")
+        print(paired.to_markdown(index=False, floatfmt=".3f"))
+        paired.to_csv(args.out.with_suffix(".paired.csv"), index=False)
     print(f"\nper-round CSV: {args.out}")
     return 0
 

@@ -164,6 +164,9 @@ class OptimSection(Section):
     momentum: float = setting(0.9, Rule("number", min=0), "SGD momentum")
     betas: list = setting([0.9, 0.999], Rule("list", length=2, item=Rule("number", min=0, lt=1)), "AdamW betas")
     norm_decay: bool = setting(True, doc="false removes weight decay from norm parameters and biases")
+    impl: str = setting("auto", Rule("str", choices=("auto", "fused", "foreach", "for-loop")),
+                        "torch's update kernel: `auto` (fused where every parameter's device has it), `fused`, "
+                        "`foreach` or `for-loop` (torch's CPU default); resume keeps the checkpoint's")
     paramwise: ParamwiseSection = subsection(ParamwiseSection, "mmseg's paramwise_cfg; any rule set replaces norm_decay")
 
 

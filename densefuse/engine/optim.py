@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -137,9 +137,28 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
             g.pop("names")
     else:
         groups = param_groups(model, cfg.weight_decay, cfg.norm_decay)
+    kernel = _kernel(cfg.impl, [p for g in groups for p in g["params"]])
     if cfg.type.lower() == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kernel)
+
+
+def _kernel(impl: str, params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """torch's ``fused`` / ``foreach`` flags for ``optim.impl``. ``auto`` takes the fused kernel (one pass over
+    each tensor, no per-parameter Python loop) where every parameter is a float tensor on a device torch has
+    it for: AdamW's step over ResNet-18 on one CPU thread takes 10 ms fused against 59 ms in torch's CPU
+    default loop (docs/benchmarks.md). The update is the same up to float rounding."""
+    if impl == "for-loop":
+        return {"foreach": False}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "fused":
+        return {"fused": True}
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    ok = _get_fused_kernels_supported_devices()
+    fused = bool(params) and all(p.device.type in ok and p.is_floating_point() for p in params)
+    return {"fused": True} if fused else {}
 
 
 def lr_factor(it: int, total: int, cfg: Mapping[str, Any], base_lr: float) -> float:
