@@ -98,16 +98,22 @@ def read_label(path: PathLike, small: bool = False) -> Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def label_counts(label: Tensor) -> Optional[Tensor]:
+    """The 256-bin histogram of a uint8 label (one pass; ``None`` for other dtypes): what
+    :func:`check_label` reads, and what tells a reader whether a remapping has anything to fix."""
+    return torch.bincount(label.reshape(-1), minlength=256) if label.dtype == torch.uint8 else None
+
+
 def check_label(label: Tensor, num_classes: int, path: PathLike = "<label>", ignore_index: int = IGNORE_INDEX,
-                note: str = "") -> Tensor:
+                note: str = "", counts: Optional[Tensor] = None) -> Tensor:
     """Return ``label`` if every value is in ``[0, num_classes)`` or ``ignore_index``; else a DataError.
 
     Call it on the values as stored in the file (before any remapping such as ``reduce_zero_label``),
     so the message names the file and up to ten of *its* offending values; ``note`` explains a
-    remapping in the message.
+    remapping in the message. ``counts``: the label's :func:`label_counts`, when the caller has them.
     """
     if label.dtype == torch.uint8:  # a 256-bin histogram instead of three full-size comparisons
-        counts = torch.bincount(label.reshape(-1), minlength=256)
+        counts = label_counts(label) if counts is None else counts
         allowed = torch.zeros(256, dtype=torch.bool)
         allowed[: max(0, min(num_classes, 256))] = True
         if 0 <= ignore_index < 256:

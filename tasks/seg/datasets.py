@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from densefuse.data import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
 from densefuse.data.check import missing_file
+from densefuse.data.io import label_counts
 from densefuse.data.ops import Draw
 from densefuse.errors import ConfigError, DataError
 
@@ -37,11 +38,14 @@ PathLike = Union[str, Path]
 Transform = Optional[Callable[[dict], dict]]
 
 
-def reduce_zero_label(label: Tensor) -> Tensor:
+def reduce_zero_label(label: Tensor, has_ignore: Optional[bool] = None) -> Tensor:
     """mmseg's ``reduce_zero_label``: 0 ("other") -> 255, then ``v -> v - 1`` and 254 -> 255, so
-    ADE20K's raw 1..150 become classes 0..149 and 255 stays ignored."""
+    ADE20K's raw 1..150 become classes 0..149 and 255 stays ignored. ``has_ignore=False`` (the caller's
+    histogram shows no 255) leaves a uint8 label at one subtraction."""
     out = label - 1
     if label.dtype == torch.uint8:  # 0 - 1 wraps to 255 by itself; only 255 - 1 needs a fix
+        if has_ignore is False:
+            return out
         return out.masked_fill_(out == IGNORE_INDEX - 1, IGNORE_INDEX)
     out[(label == 0) | (out == IGNORE_INDEX - 1)] = IGNORE_INDEX
     return out
@@ -81,9 +85,10 @@ class SegDataset(Dataset):
         label = read_label(lab_path, small=True)
         check_same_size(image, label, img_path, lab_path)
         if self.reduce_zero_label:  # check the file's own values: 0..num_classes (0 = other) or 255
-            check_label(label, self.num_classes + 1, lab_path,
+            counts = label_counts(label)
+            check_label(label, self.num_classes + 1, lab_path, counts=counts,
                         note=f"with reduce_zero_label the file holds 0 (ignored) and 1..{self.num_classes}")
-            label = reduce_zero_label(label)
+            label = reduce_zero_label(label, None if counts is None else bool(counts[IGNORE_INDEX]))
         else:
             check_label(label, self.num_classes, lab_path)
         return {"image": image, "label": label, "name": Path(img_path).stem}

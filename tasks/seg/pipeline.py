@@ -120,7 +120,12 @@ def photometric_distortion(image: Tensor, generator: Optional[torch.Generator] =
         x = _trunc(hue_shift(x, shift / 30.0, cache).add_(1e-3))  # OpenCV hue units (2 degrees) -> sextants (60)
     if not contrast_first:
         x = contrast(x)
-    return x.to(torch.uint8)
+    return _to_uint8(x, cache)
+
+
+def _to_uint8(x: Tensor, cache: Optional[dict] = None) -> Tensor:
+    """Integer-valued float pixels as uint8, through int32: float32 -> uint8 directly is 4x slower on the CPU."""
+    return _buffer(cache, "i32", x.shape, torch.int32).copy_(x).to(torch.uint8)
 
 
 def _buffer(cache: Optional[dict], name: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -147,9 +152,13 @@ def hue_shift(x: Tensor, sextants: float, cache: Optional[dict] = None) -> Tenso
     """Rotate the HSV hue of a float (3,H,W) RGB image by ``sextants`` x 60 degrees, keeping V and S; in place
     (returns ``x``). ``cache``: a dict that keeps the scratch buffers between calls.
 
-    The hexcone HSV of kornia / OpenCV without the round trip: with V = max, C = max - min and the hue h in
-    sextants (0..6), channel ``n`` (R 5, G 3, B 1) is ``V - C clamp(min(k, 4 - k), 0, 1)``, ``k = (n + h) mod 6``.
-    Equal to kornia's ``hsv_to_rgb(rgb_to_hsv(x))`` with the hue shifted, up to float rounding.
+    The hexcone HSV of kornia / OpenCV without the round trip: with V = max, m = min, C = V - m and the hue h
+    in sextants, channel ``n`` (R 5, G 3, B 1) is ``V - C f(n + h)`` with ``f(k) = clamp(min(k, 4 - k), 0, 1)``
+    taken 6-periodic, and ``f(k + 3) = 1 - f(k)``. With h wrapped to [0, 6): R = V - C f(h - 1),
+    G = m + C f(h), B = m + C f(h - 2), every argument in [-2, 6), where the one-band formula is f.
+    Equal to kornia's ``hsv_to_rgb(rgb_to_hsv(x))`` with the hue shifted, up to float rounding. Written
+    with arithmetic only: on the CPU a boolean ``where`` and ``remainder`` over a 512x512 plane cost 0.9 and
+    0.35 ms, a multiply or add 0.03 ms.
     """
     r, g, b = x[0:1], x[1:2], x[2:3]
     shape = r.shape
@@ -157,19 +166,26 @@ def hue_shift(x: Tensor, sextants: float, cache: Optional[dict] = None) -> Tenso
     c = torch.sub(v, m, out=_buffer(cache, "c", shape))
     inv = torch.clamp(c, min=1e-6, out=_buffer(cache, "inv", shape)).reciprocal_()
     h, k, t = (_buffer(cache, n, shape) for n in ("h", "k", "t"))
-    mask = _buffer(cache, "mask", shape, torch.bool)
-    # hue in sextants; ties pick R, then G (the first maximum, as kornia's argmax)
+    # the hue in sextants, by the first maximum (R, then G, then B, as kornia's argmax); the branch is picked
+    # by a 0/1 weight that is 1 where the channel equals V (within 1e-6) and 0 elsewhere
     torch.sub(r, g, out=h).mul_(inv).add_(4.0)
     torch.sub(b, r, out=k).mul_(inv).add_(2.0)
-    torch.where(torch.eq(v, g, out=mask), k, h, out=h)
+    h.lerp_(k, _is_max(v, g, t))
     torch.sub(g, b, out=k).mul_(inv)
-    torch.where(torch.eq(v, r, out=mask), k, h, out=h)
-    h.add_(sextants)
-    for i, n in enumerate((5.0, 3.0, 1.0)):
-        torch.remainder(torch.add(h, n, out=k), 6.0, out=k)
-        torch.minimum(k, torch.neg(k, out=t).add_(4.0), out=t).clamp_(0.0, 1.0).mul_(c)
-        torch.sub(v, t, out=x[i:i + 1])
+    h.lerp_(k, _is_max(v, r, t))
+    h.add_(sextants)  # in [-1.6, 5.6]; + 6 where negative
+    h.add_(torch.mul(h, -1e30, out=t).clamp_(0.0, 1.0), alpha=6.0)
+    for i, (base, sign, offset) in enumerate(((v, -1.0, -1.0), (m, 1.0, 0.0), (m, 1.0, -2.0))):
+        torch.add(h, offset, out=k)
+        torch.neg(h, out=t).add_(4.0 - offset)  # 4 - k
+        torch.minimum(k, t, out=t).clamp_(0.0, 1.0).mul_(c)
+        torch.add(base, t, alpha=sign, out=x[i:i + 1])
     return x
+
+
+def _is_max(v: Tensor, channel: Tensor, out: Tensor) -> Tensor:
+    """1.0 where ``channel`` equals the maximum ``v`` (within 1e-6), else 0.0 (``v >= channel`` everywhere)."""
+    return torch.sub(channel, v, out=out).mul_(1e6).add_(1.0).clamp_(0.0, 1.0)
 
 
 class SegTrainPipeline:
