@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -87,6 +88,11 @@ class EncoderDecoder(nn.Module):
         return out
 
     def _up(self, y: Tensor, size: Any) -> Tensor:
+        if not self.training and y.device.type == "cpu" and y.shape[1] > 1:
+            # class logits at eval on the CPU: in channels-last memory the bilinear resizes (this one and the
+            # evaluator's to the label size) and the per-pixel argmax over classes run 2.2x faster (150
+            # classes, 32x43 -> 128x170 -> 256x339: 103 -> 46 ms); the values agree to float rounding
+            y = y.contiguous(memory_format=torch.channels_last)
         return F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
