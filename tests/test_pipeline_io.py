@@ -99,3 +99,12 @@ def test_ade20k_sample_is_the_same_through_the_uint8_path(tmp_path):
     assert fast["label"].dtype == torch.int64
     for key in ("image", "label", "valid"):
         assert torch.equal(fast[key], slow[key])
+
+
+def test_a_16_bit_grey_image_keeps_its_high_byte(tmp_path):
+    # pillow's convert("RGB") would clip every value above 255 to white; OpenCV's colour read keeps v >> 8
+    arr = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    img = read_image(tmp_path / "deep.png")
+    assert img.dtype == torch.uint8 and img.shape == (3, 1, 5)
+    assert img[0, 0].tolist() == [0, 0, 1, 156, 255] and torch.equal(img[0], img[2])

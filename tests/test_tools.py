@@ -100,6 +100,15 @@ def test_bench_pipeline_smoke(tmp_path, capsys):
     assert (tmp_path / "p.csv").read_text().startswith("pipeline,round,images,seconds,crop")
 
 
+def test_bench_kernels_smoke(tmp_path, capsys):
+    tool = _tool("bench_kernels")
+    table = tool.main(["--repeats", "1", "--crop", "32", "--model", "resnet10t", "--out", str(tmp_path / "k.csv")])
+    assert set(table["bench"]) == {"optimizer", "photometric", "logits"}
+    assert set(table[table["bench"] == "optimizer"]["variant"]) == {"for-loop", "foreach", "fused"}
+    assert (table["ms"] > 0).all() and "load average before" in capsys.readouterr().out
+    assert (tmp_path / "k.csv").read_text().startswith("bench,case,variant,ms")
+
+
 def test_bench_eval_smoke(tmp_path, capsys):
     tool = _tool("bench_eval")
     assert tool.main(["--images", "1", "--rounds", "1", "--size", "96", "160", "--threads", "1",

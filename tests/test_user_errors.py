@@ -97,6 +97,13 @@ def fails(user_dir, args, *fragments, ignore=()):
                  id="pretrained-is-a-folder"),
     pytest.param(["train", "--set", "optim.type=adamx"], ["'optim.type' must be one of adamw, sgd", "'adamx'"],
                  id="optim-type"),
+    pytest.param(["train", "--set", "optim.impl=fast"], ["'optim.impl' must be one of auto, fused", "'fast'"],
+                 id="optim-impl"),
+    pytest.param(["train", "--config", "."], ["config . is a directory; give a .yaml file"], id="config-is-a-folder"),
+    pytest.param(["eval", "--checkpoint", "."], ["checkpoint . is a directory", "latest.pth"], id="checkpoint-is-a-folder"),
+    pytest.param(["train", "--bogus"], ["No such option '--bogus'", "see 'main train --help'"], id="unknown-option"),
+    pytest.param(["predict", "--checkpoint", "missing.pth", "--out", "notes.txt", "img.png"],
+                 ["Invalid value for '--out'", "'notes.txt' is a file"], id="out-dir-is-a-file"),
 ])
 def test_bad_value_is_one_line_before_any_work(user_dir, args, fragments):
     fails(user_dir, args, *fragments)
@@ -151,6 +158,20 @@ def test_switching_the_depth_dataset_drops_the_synthetic_keys(user_dir):
     assert dict(cfg.data.kwargs) == {}
     fails(user_dir, ["train", "--task", "depth", "--set", "data.type=kitti", "--set", "data.root=kitti"],
           "split file not found", "kitti")
+
+
+def test_an_empty_config_file_is_named(user_dir):
+    (user_dir / "empty.yaml").write_text("# only a comment\n")
+    fails(user_dir, ["train", "--config", "empty.yaml"], "empty.yaml: the config file is empty")
+
+
+def test_a_truncated_checkpoint_says_its_end_is_missing(user_dir):
+    buf = __import__("io").BytesIO()
+    torch.save({"model": {"w": torch.zeros(1000)}}, buf)
+    (user_dir / "half.pth").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    line = fails(user_dir, ["inspect", "--checkpoint", "half.pth"], "cannot read checkpoint half.pth",
+                 "the file ends early", "did not finish")
+    assert "miniz" not in line and "weights_only" not in line
 
 
 def test_yaml_syntax_error_names_line_and_column(user_dir):

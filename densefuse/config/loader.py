@@ -109,6 +109,8 @@ def find_config(name: PathLike) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    if p.is_dir():
+        raise ConfigError(f"config {name} is a directory; give a .yaml file")
     raise ConfigError(f"config file not found: {name}")
 
 
@@ -129,8 +131,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); a config is YAML text") from None
-    if data is None:
-        return {}
+    if data is None:  # nothing but blanks and comments: a file saved empty by mistake, not "all defaults"
+        raise ConfigError(f"{path}: the config file is empty (it holds no settings)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping at the top level")
     return data

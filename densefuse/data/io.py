@@ -74,6 +74,9 @@ def read_image(path: PathLike, channels_last: bool = False) -> Tensor:
     out = _decode_fast(p) if p.is_file() else None
     if out is None:
         img = _open(path, "image")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grey: keep the high byte, as OpenCV's colour read does (pillow's convert would clip at 255)
+            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
         if img.mode != "RGB":
             img = img.convert("RGB")
         out = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)

@@ -148,8 +148,10 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     if "legacy .tar format" in text:  # torch's reading of a file that is no zip archive (zeroed, foreign)
         return "the file is not a torch zip archive"
+    if "central directory" in text:  # the zip's index sits at the end of the file: the end is missing
+        return "the file ends early (the archive's central directory is missing: a save or copy that did not finish)"
     first = text.splitlines()[0] if text else ""
-    for cut in (" Re-running `torch.load` with `weights_only`", " In PyTorch 2.6", " (1) "):
+    for cut in (" Re-running `torch.load` with `weights_only`", " In PyTorch 2.6", " (1) ", " This is an internal miniz"):
         first = first.split(cut)[0]
     sentences = [x for x in first.split(". ") if "weights_only" not in x]
     return ". ".join(sentences).rstrip(" .,;:")
@@ -159,6 +161,8 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
     """Load a checkpoint with ``weights_only=True`` and verify its digest; a :class:`CheckpointError`
     (one line, saying what is wrong) for a missing, unreadable or damaged file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the .pth file inside it (e.g. {path / 'latest.pth'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
