@@ -115,3 +115,15 @@ def test_bench_eval_smoke(tmp_path, capsys):
                       "--out", str(tmp_path / "e.csv")]) == 0
     assert "slide 512/341, 8 windows per call" in capsys.readouterr().out
     assert (tmp_path / "e.csv").is_file()
+
+
+def test_bench_overhead_smoke_pools_earlier_rounds(tmp_path, capsys):
+    tool = _tool("bench_overhead")
+    small = ["--iters", "5", "--skip", "1", "--batch-size", "2", "--size", "32", "--threads", "1",
+             "--set", "model.decode_head.channels=16", "--set", "model.auxiliary_head.channels=8",
+             "--set", "data.kwargs.num_train=8", "--set", "calibration.batch_size=2", "--set", "calibration.num_images=2"]
+    first = tool.main([*small, "--rounds", "2", "--out", str(tmp_path / "a.csv")])
+    assert set(first["rounds"]) == {2} and "resolves_2pct" in first
+    pooled = tool.main([*small, "--rounds", "1", "--add-runs", str(tmp_path / "a.runs.csv"), "--out", str(tmp_path / "b.csv")])
+    assert set(pooled["rounds"]) == {3}
+    assert "with 2 rounds from" in capsys.readouterr().out

@@ -16,6 +16,7 @@ stream position (:class:`densefuse.data.loader.SeededSamples`) in the main proce
 states are also saved and restored.
 
     python tools/bench_overhead.py --iters 30 --rounds 12 --out results/overhead.csv
+    python tools/bench_overhead.py --iters 30 --rounds 12 --add-runs results/overhead.runs.csv --out results/overhead2.csv
 """
 from __future__ import annotations
 
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--out", default="results/overhead.csv")
+    ap.add_argument("--add-runs", type=Path, action="append", default=[],
+                    help="the .runs.csv of an earlier run with the same settings: its rounds join this run's")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               flush=True)
     load_after = load_average()
     runs = pd.DataFrame(rows)
+    for earlier in args.add_runs:  # more paired rounds from the same command run before (another idle window)
+        prev = pd.read_csv(earlier)
+        runs = pd.concat([runs, prev.assign(round=prev["round"] + runs["round"].max() + 1)], ignore_index=True)
     table = runs.groupby("variant", sort=False)[["s_per_iter", "cpu_s_per_iter"]].median()
     table = table.loc[list(VARIANTS)]
     table["ms_per_iter"] = table["s_per_iter"] * 1000
@@ -176,7 +182,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                            "resolves_2pct": bool(ci["half_width_pct"] < 2.0)})
     paired = pd.DataFrame(paired)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.iters} "
-          f"iterations, load before {load_before}, after {load_after}")
+          f"iterations, load before {load_before}, after {load_after}"
+          + (f"; with {runs['round'].nunique() - args.rounds} rounds from {', '.join(map(str, args.add_runs))}"
+             if args.add_runs else ""))
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print()
     print("Paired per-round ratios (geometric mean, 95 % t and bootstrap intervals):")
