@@ -18,6 +18,7 @@ from .engine.configs import build_everything, checkpoint_config, load_run_config
 from .engine.predict import MAX_PIXELS, check_pixels, image_paths, output_stems, skipped_line, write_predictions
 from .engine.runtime import check_out_file, check_writable, default_work_dir, refuse_overwrite
 from .engine.state import build_checkpoint_model, load_model_weights, read_model_checkpoint
+from .engine.usage import OneLineUsageErrors
 from .errors import ConfigError, DataError, DensefuseError
 
 #: terminal colour/control sequences (PyTorch colours parts of its load errors)
@@ -53,29 +54,7 @@ config_opt = click.option("--config", "-c", "config", type=str, default=None, he
 set_opt = click.option("--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 
 
-class _Main(click.Group):
-    """Usage errors (a missing option, a path of the wrong kind) as one ``error:`` line naming the option,
-    exit 2, like every other user error; click's own form is three lines with the usage."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs.get("standalone_mode", True):
-            return super().main(*args, **kwargs)
-        try:
-            code = super().main(*args, **{**kwargs, "standalone_mode": False})
-        except click.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            click.echo(f"error: {e.format_message()}{hint}", err=True)
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            e.show()
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="densefuse")
 def main() -> None:
     """densefuse: dense prediction with scale-equalized multi-level feature fusion."""
