@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import heads as _heads  # noqa: F401  (registers the built-in decoders and predictors)
 from .config.loader import from_dict
-from .config.schema import Origin, Section, plain, rule_from_default, type_name
+from .config.schema import Origin, Section, get_dotted, plain, rule_from_default, type_name
 from .encoders import TimmEncoder
 from .errors import ConfigError, did_you_mean
 from .registry import HEADS, MODELS, PREDICTORS, arguments
@@ -143,15 +143,6 @@ def build_head(
 HEAD_SECTIONS = ("model.decode_head", "model.auxiliary_head")
 
 
-def _get(cfg: Mapping, dotted: str) -> Any:
-    node: Any = cfg
-    for k in dotted.split("."):
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
 def _fits(value: Any, default: Any) -> bool:
     """Whether ``value`` has the kind of a head argument's default (no default: anything fits)."""
     if default is None or default is inspect.Parameter.empty or value is None:
@@ -168,10 +159,10 @@ def check_heads(cfg: dict, inherited: Mapping, written: set[str], source: Origin
     the top file or ``--set``) are never dropped: a wrong one is an error saying what to change.
     """
     for section in HEAD_SECTIONS:
-        spec = _get(cfg, section)
+        spec = get_dotted(cfg, section)
         if not spec:
             continue
-        base = _get(inherited, section) or {}
+        base = get_dotted(inherited, section) or {}
         switched = base.get("type") is not None and spec.get("type") != base.get("type")
         try:
             accepted = head_arguments(section, spec)

@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import ConfigError, UnknownKeyError, did_you_mean
 from ..registry import MODELS, TASKS
-from .schema import Origin, check_tree, merge, plain, type_name
+from .schema import Origin, check_tree, get_dotted, merge, plain, type_name
 from .sections import CoreConfig
 
 PathLike = Union[str, Path]
@@ -218,7 +218,7 @@ def drop_legacy_keys(data: Mapping[str, Any]) -> dict:
     declared = config_class(task).rules() if isinstance(task, str) else {}
     for key, old in LEGACY_KEYS.items():
         section, _, name = key.rpartition(".")
-        node = _get(out, section)
+        node = get_dotted(out, section)
         if key not in declared and isinstance(node, dict) and name in node and node[name] == old:
             del node[name]
     return out
@@ -288,15 +288,6 @@ def from_dict(
     return out
 
 
-def _get(cfg: Mapping, dotted: str) -> Any:
-    node: Any = cfg
-    for k in dotted.split("."):
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
 def _check_model(cfg: dict, inherited: Mapping[str, Any], written: set[str], origin: Origin) -> None:
     """``model.type`` names a registered builder, whose own check (the head sections of ``encoder_decoder``)
     then runs on the tree."""
@@ -314,17 +305,17 @@ def _reset_switched_eval_batch(cfg: dict, inherited: Mapping[str, Any], written:
     """A ``_base_``'s ``eval.batch_size`` was chosen for its own dataset (the synthetic base batches its
     same-size images by 8): when the top file or ``--set`` switches ``data.type`` and the user did not write
     ``eval.batch_size``, it goes back to the default 1, which evaluates images of any size."""
-    base = _get(inherited, "data") or {}
+    base = get_dotted(inherited, "data") or {}
     if base.get("type") is None or base.get("type") == cfg["data"]["type"] or "eval.batch_size" in written:
         return
-    if (_get(inherited, "eval") or {}).get("batch_size") is not None:
+    if (get_dotted(inherited, "eval") or {}).get("batch_size") is not None:
         cfg["eval"]["batch_size"] = defaults["eval"]["batch_size"]
 
 
 def _switched_dataset_keys(cfg: Mapping[str, Any], inherited: Mapping[str, Any], written: set[str]) -> set[str]:
     """``data.kwargs`` keys a ``_base_`` file gave for another ``data.type`` than the config's (a switch by
     the top file or ``--set``) and that the user did not write: the task may drop them."""
-    base = _get(inherited, "data") or {}
+    base = get_dotted(inherited, "data") or {}
     if base.get("type") is None or base.get("type") == cfg["data"]["type"]:
         return set()
     given = cfg["data"].get("kwargs") or {}
@@ -345,7 +336,7 @@ def _validate_task(cfg: CoreConfig, droppable: set[str], origin: Origin) -> None
                 raise UnknownKeyError(f"{origin(e.key)}: {e}", e.key) from None
             droppable.discard(e.key)
             section, _, key = e.key.rpartition(".")
-            del _get(cfg, section)[key]
+            del get_dotted(cfg, section)[key]
 
 
 def dump(cfg: Mapping, path: PathLike) -> None:

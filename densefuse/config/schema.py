@@ -362,6 +362,16 @@ def build_section(cls: type[Section], data: Optional[Mapping[str, Any]], prefix:
     return out
 
 
+def get_dotted(cfg: Mapping, dotted: str) -> Any:
+    """``cfg["a"]["b"]`` for ``"a.b"``, or None where a level is missing or not a mapping."""
+    node: Any = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, Mapping) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
 def merge(base: Mapping, override: Mapping) -> dict:
     """Recursive merge; ``_delete_: true`` in an override dict replaces instead of merging."""
     out = copy.deepcopy(dict(base))
