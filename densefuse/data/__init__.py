@@ -15,7 +15,7 @@ from .augment import (
     normalize,
     scale_crop,
 )
-from .io import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
+from .io import IGNORE_INDEX, check_label, check_same_size, label_counts, read_image, read_label
 from .loader import InfiniteSampler, Loader, RandomCropPad, ShardSampler, build_loader
 from .ops import Draw
 
@@ -37,6 +37,7 @@ __all__ = [
     "build_augmentation",
     "build_loader",
     "check_label",
+    "label_counts",
     "check_same_size",
     "dense_items",
     "hflip",

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from densefuse.data import IGNORE_INDEX, check_label, check_same_size, read_image, read_label
+from densefuse.data import IGNORE_INDEX, check_label, check_same_size, label_counts, read_image, read_label
 from densefuse.data.check import missing_file
-from densefuse.data.io import label_counts
 from densefuse.data.ops import Draw
 from densefuse.errors import ConfigError, DataError
 
